@@ -1,0 +1,1 @@
+//! CP-IS Edge tablet agent. Not built yet: see the "Tablet agent" issue.

@@ -1,0 +1,1 @@
+//! CP-IS Edge field tests. Not built yet: see the "Field tests" issue.

@@ -1,0 +1,131 @@
+//! HTTP wire types and paths shared by the server, the agent and their clients
+//! (DESIGN.md §6): error bodies, council uploads, enrolment.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ids::{DeviceId, RegionId, TrustCode};
+use crate::policy::Policy;
+use crate::signing::PublicKey;
+
+/// Device endpoints and the header that carries signed metadata.
+pub mod paths {
+    /// `POST`: exchange an enrolment token and a CSR for a device certificate.
+    pub const ENROL: &str = "/v1/enrol";
+    /// `GET`: the region's signed checkpoint (body: signed envelope bytes).
+    pub const CHECKPOINT: &str = "/v1/device/checkpoint";
+    /// `GET ?from=V`: a delta from V to head (signed metadata in [`SIGNED_HEADER`]).
+    pub const DELTA: &str = "/v1/device/delta";
+    /// `GET`: the current snapshot's signed metadata (body: signed envelope bytes).
+    pub const SNAPSHOT: &str = "/v1/device/snapshot";
+    /// `GET /v1/device/snapshots/{epoch}/{version}`: a snapshot body; HTTP Range supported;
+    /// signed metadata in [`SIGNED_HEADER`].
+    pub const SNAPSHOT_BODY_PREFIX: &str = "/v1/device/snapshots";
+    /// `POST`: a batch of access events (JSON [`crate::EventBatch`]).
+    pub const EVENTS: &str = "/v1/device/events";
+    /// Header carrying a base64url signed envelope alongside a body.
+    pub const SIGNED_HEADER: &str = "x-cpis-signed";
+    /// Media type of signed envelopes and feed bodies.
+    pub const OCTET: &str = "application/octet-stream";
+}
+
+/// The CSV columns of a council upload, in order.
+pub const UPLOAD_COLUMNS: [&str; 6] = [
+    "nhs_number",
+    "plan_type",
+    "start_date",
+    "end_date",
+    "date_of_birth",
+    "local_id",
+];
+
+/// `{error:{code, message}}`, everywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    /// Set on a revoked device's 403: the tablet must crypto-shred its data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wipe: bool,
+}
+
+impl ErrorBody {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+                wipe: false,
+            },
+        }
+    }
+}
+
+/// One problem with one cell (or row) of an upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadError {
+    /// 1-based line in the file (the header is line 1).
+    pub line: u64,
+    /// Column name, or empty when the problem is the whole row.
+    pub column: String,
+    pub code: String,
+    pub message: String,
+}
+
+/// `422` body: nothing was applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRejection {
+    pub error: ErrorDetail,
+    pub errors: Vec<UploadError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UploadCounts {
+    pub rows: u64,
+    pub added: u64,
+    pub updated: u64,
+    pub ended: u64,
+    pub removed: u64,
+    pub unchanged: u64,
+}
+
+/// `200` body of an accepted upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadReceipt {
+    pub upload_id: Uuid,
+    /// `success` when every row was applied.
+    pub result: String,
+    pub counts: UploadCounts,
+    /// The change-log version after this upload.
+    pub version: u64,
+}
+
+/// `POST /v1/enrol` request: the token and a CSR for a key made on the tablet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolRequest {
+    pub token: String,
+    /// PEM certificate signing request for the device's own key pair.
+    pub csr_pem: String,
+    pub name: Option<String>,
+    pub agent_version: String,
+}
+
+/// `POST /v1/enrol` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolResponse {
+    pub device_id: DeviceId,
+    pub trust: TrustCode,
+    pub region: RegionId,
+    /// PEM client certificate for the device's key, issued by the device CA.
+    pub client_cert_pem: String,
+    pub client_cert_expires_at: DateTime<Utc>,
+    /// The key that signs every checkpoint, snapshot and delta; pinned by the tablet.
+    pub signing_public_key: PublicKey,
+    pub policy: Policy,
+}

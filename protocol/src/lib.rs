@@ -1,0 +1,32 @@
+//! CP-IS Edge protocol: domain types, the NHS number, wire messages and signing.
+//!
+//! This crate does no IO. It is the only place wire formats are defined: the server, the
+//! agent and the tools encode and decode through it.
+
+pub mod api;
+pub mod dates;
+pub mod events;
+pub mod feed;
+pub mod flag;
+pub mod ids;
+pub mod nhs;
+pub mod policy;
+pub mod signing;
+pub mod verify;
+
+pub use events::{
+    AccessEvent, CareSetting, EventBatch, EventUploadAck, LookupResult, RejectedEvent,
+};
+pub use feed::{
+    BodyInfo, Change, Checkpoint, DeltaBody, DeltaMeta, SnapshotBody, SnapshotMeta,
+    VersionedChange, encode_body,
+};
+pub use flag::{CouncilInfo, FlagKey, FlagRecord, retained_until};
+pub use ids::{CouncilCode, DeviceId, EventId, IdError, PlanType, RegionId, TrustCode};
+pub use nhs::{NhsNumber, NhsNumberError};
+pub use policy::{Freshness, Policy};
+pub use signing::{MessageKind, PublicKey, Signable, SignedMessage};
+pub use verify::{Position, VerifyError};
+
+/// Re-exported so users of the protocol name the same key types.
+pub use ed25519_dalek::{SigningKey, VerifyingKey};

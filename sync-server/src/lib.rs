@@ -1,0 +1,1 @@
+//! CP-IS Edge central sync server.
