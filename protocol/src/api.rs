@@ -30,6 +30,34 @@ pub mod paths {
     pub const OCTET: &str = "application/octet-stream";
 }
 
+/// Error codes in `{error:{code}}` bodies that clients act on.
+///
+/// Device endpoints: a request without a valid client certificate gets `401`
+/// [`CLIENT_CERT_REQUIRED`]; a revoked device gets `403` [`DEVICE_REVOKED`] with `wipe: true`.
+/// `GET` [`paths::DELTA`]`?from=V` answers `200` with the compressed delta body and its signed
+/// metadata in [`paths::SIGNED_HEADER`], `204` when V is already the head, `410`
+/// [`DELTA_GONE`] when V is older than the change-log retention horizon or from another
+/// epoch (take a snapshot), `400` when V is ahead of the head. A snapshot body for a version no
+/// longer cached answers `410` [`SNAPSHOT_GONE`] (fetch the snapshot metadata again).
+/// Enrolment: `401` [`TOKEN_UNKNOWN`], `403` [`TOKEN_USED_UP`] or [`TOKEN_EXPIRED`], `400`
+/// [`BAD_CSR`].
+pub mod codes {
+    pub const CLIENT_CERT_REQUIRED: &str = "client_certificate_required";
+    pub const DEVICE_REVOKED: &str = "device_revoked";
+    pub const DELTA_GONE: &str = "delta_gone";
+    pub const SNAPSHOT_GONE: &str = "snapshot_gone";
+    pub const TOKEN_UNKNOWN: &str = "enrolment_token_unknown";
+    pub const TOKEN_USED_UP: &str = "enrolment_token_used_up";
+    pub const TOKEN_EXPIRED: &str = "enrolment_token_expired";
+    pub const BAD_CSR: &str = "bad_csr";
+    pub const UNAUTHORISED: &str = "unauthorised";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const INVALID_UPLOAD: &str = "invalid_upload";
+    pub const TOO_LARGE: &str = "payload_too_large";
+    pub const OVERLOADED: &str = "overloaded";
+    pub const NOT_FOUND: &str = "not_found";
+}
+
 /// The CSV columns of a council upload, in order.
 pub const UPLOAD_COLUMNS: [&str; 6] = [
     "nhs_number",
