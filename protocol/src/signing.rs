@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -102,7 +102,7 @@ impl SignedMessage {
             });
         }
         let sig = Signature::from_slice(&self.signature).map_err(|_| VerifyError::BadSignature)?;
-        key.verify(&signed_bytes(self.kind, &self.payload), &sig)
+        key.verify_strict(&signed_bytes(self.kind, &self.payload), &sig)
             .map_err(|_| VerifyError::BadSignature)?;
         let (msg, rest) = postcard::take_from_bytes::<T>(&self.payload)
             .map_err(|e| VerifyError::Malformed(format!("decoding {}: {e}", self.kind.name())))?;

@@ -114,10 +114,10 @@ impl Checkpoint {
     /// newest server time already seen.
     pub fn check(&self, pos: &Position, now: DateTime<Utc>) -> Result<(), VerifyError> {
         same_region(pos, &self.region)?;
-        if let Some(seen) = pos.server_time {
-            if self.server_time < seen {
-                return Err(rollback("server time", seen, self.server_time));
-            }
+        if let Some(seen) = pos.server_time
+            && self.server_time < seen
+        {
+            return Err(rollback("server time", seen, self.server_time));
         }
         let reference = pos.server_time.map_or(now, |seen| seen.max(now));
         if self.expires_at <= reference {
@@ -154,10 +154,11 @@ impl SnapshotMeta {
                 self.version, checkpoint.head_version
             )));
         }
-        if let Some((epoch, version)) = pos.data {
-            if self.epoch == epoch && self.version < version {
-                return Err(rollback("version", version, self.version));
-            }
+        if let Some((epoch, version)) = pos.data
+            && self.epoch == epoch
+            && self.version < version
+        {
+            return Err(rollback("version", version, self.version));
         }
         Ok(())
     }
