@@ -1,4 +1,5 @@
 //! Protocol integration and property tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod codec;
 mod nhs;

@@ -8,8 +8,8 @@ use crate::arb_nhs;
 /// The DOMAIN.md rule, written out longhand and independently of the crate.
 fn brute_force_valid(digits: &[u32; 10]) -> bool {
     let mut sum = 0;
-    for i in 0..9 {
-        sum += digits[i] * (10 - i as u32);
+    for (i, d) in digits.iter().take(9).enumerate() {
+        sum += d * (10 - i as u32);
     }
     let check = 11 - (sum % 11);
     let check = if check == 11 { 0 } else { check };
