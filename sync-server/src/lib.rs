@@ -1,1 +1,21 @@
-//! CP-IS Edge central sync server.
+//! CP-IS Edge central sync server: council uploads in, signed regional feeds out.
+//!
+//! Module map: [`config`] (server.toml + env), [`store`] (the `Store` trait and its SQLite
+//! backend; the only module that touches SQL), [`upload`] (CSV validation), [`reconcile`]
+//! (diff of a council's flags), [`feed`] (signed checkpoints, deltas, cached snapshots),
+//! [`http`] (routes, auth, errors), [`metrics`], [`server`] (init, bind/shutdown),
+//! [`pki`] (keys and certificates), [`tls`] (HTTPS serving with client identities).
+pub mod clock;
+pub mod config;
+pub mod feed;
+pub mod http;
+pub mod metrics;
+pub mod pki;
+pub mod reconcile;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod tokens;
+pub mod upload;
+
+pub use server::{Server, ServerError, ServerHandle};

@@ -1,0 +1,2 @@
+//! Server benchmark (filled in below).
+fn main() {}

@@ -1,0 +1,249 @@
+//! Server configuration: `server.toml` in the data dir (written by `init`), with defaults for
+//! every field and `CPIS_*` environment overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cpis_protocol::Policy;
+use serde::{Deserialize, Serialize};
+
+/// The configuration file's name inside the data dir.
+pub const CONFIG_FILE: &str = "server.toml";
+/// The database file's name inside the data dir.
+pub const DATABASE_FILE: &str = "cpis.db";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("environment variable {name}={value:?} is not valid: {reason}")]
+    Env {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("invalid policy: {0}")]
+    Policy(&'static str),
+}
+
+/// Everything `serve` needs besides the data dir's keys and database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on (`CPIS_LISTEN`).
+    pub listen: SocketAddr,
+    /// Largest accepted request body (council uploads), in bytes (`CPIS_MAX_UPLOAD_BYTES`).
+    pub max_upload_bytes: usize,
+    /// Requests handled at once before new ones are shed with 503 (`CPIS_MAX_CONCURRENT_REQUESTS`).
+    pub max_concurrent_requests: usize,
+    /// How long a signed checkpoint stays valid, in seconds (`CPIS_CHECKPOINT_TTL_SECS`).
+    pub checkpoint_ttl_secs: u64,
+    /// Change-log entries older than this many days are pruned (`CPIS_CHANGE_LOG_DAYS`).
+    pub change_log_days: u64,
+    /// At most this many change-log versions are kept (`CPIS_CHANGE_LOG_MAX_VERSIONS`).
+    pub change_log_max_versions: u64,
+    /// How often retention purge and change-log pruning run, in seconds.
+    pub maintenance_interval_secs: u64,
+    /// zstd level for feed bodies (1–19).
+    pub zstd_level: i32,
+    /// Memory bound of the snapshot cache, in bytes (`CPIS_SNAPSHOT_CACHE_BYTES`).
+    pub snapshot_cache_bytes: usize,
+    /// Validity of device client certificates, in days.
+    pub device_cert_days: u32,
+    /// Freshness policy sent in every checkpoint.
+    pub policy: PolicyConfig,
+}
+
+/// The freshness policy, in seconds (protocol defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub fresh_secs: u64,
+    pub expiry_secs: u64,
+    pub wipe_secs: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        let p = Policy::default();
+        Self {
+            fresh_secs: p.fresh_secs,
+            expiry_secs: p.expiry_secs,
+            wipe_secs: p.wipe_secs,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// The policy as sent on the wire.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            fresh_secs: self.fresh_secs,
+            expiry_secs: self.expiry_secs,
+            wipe_secs: self.wipe_secs,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            max_upload_bytes: 32 * 1024 * 1024,
+            max_concurrent_requests: 1024,
+            checkpoint_ttl_secs: 24 * 3600,
+            change_log_days: 30,
+            change_log_max_versions: 10_000_000,
+            maintenance_interval_secs: 3600,
+            zstd_level: 9,
+            snapshot_cache_bytes: 256 * 1024 * 1024,
+            device_cert_days: 365,
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+fn env_parse<T: std::str::FromStr>(
+    name: &'static str,
+    get: &dyn Fn(&str) -> Option<String>,
+    target: &mut T,
+) -> Result<(), ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    if let Some(value) = get(name) {
+        *target = value.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+            name,
+            value: value.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Loads `server.toml` from the data dir (defaults when absent), then the environment.
+    pub fn load(data_dir: &Path) -> Result<Self, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        config.apply_env(&|name| std::env::var(name).ok())?;
+        config
+            .policy
+            .policy()
+            .validate()
+            .map_err(ConfigError::Policy)?;
+        Ok(config)
+    }
+
+    /// Applies `CPIS_*` overrides read through `get`.
+    pub fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        env_parse("CPIS_LISTEN", get, &mut self.listen)?;
+        env_parse("CPIS_MAX_UPLOAD_BYTES", get, &mut self.max_upload_bytes)?;
+        env_parse(
+            "CPIS_MAX_CONCURRENT_REQUESTS",
+            get,
+            &mut self.max_concurrent_requests,
+        )?;
+        env_parse(
+            "CPIS_CHECKPOINT_TTL_SECS",
+            get,
+            &mut self.checkpoint_ttl_secs,
+        )?;
+        env_parse("CPIS_CHANGE_LOG_DAYS", get, &mut self.change_log_days)?;
+        env_parse(
+            "CPIS_CHANGE_LOG_MAX_VERSIONS",
+            get,
+            &mut self.change_log_max_versions,
+        )?;
+        env_parse(
+            "CPIS_SNAPSHOT_CACHE_BYTES",
+            get,
+            &mut self.snapshot_cache_bytes,
+        )?;
+        Ok(())
+    }
+
+    /// The file `init` writes: every setting with its default, commented.
+    pub fn default_file() -> String {
+        let d = Config::default();
+        let p = d.policy;
+        format!(
+            "# CP-IS Edge sync server configuration. Every setting is optional; the values\n\
+             # shown are the defaults. Environment variables (CPIS_LISTEN, ...) override them.\n\
+             \n\
+             # Address to listen on (HTTPS only). CPIS_LISTEN\n\
+             listen = \"{listen}\"\n\
+             # Largest accepted request body in bytes; larger uploads get 413. CPIS_MAX_UPLOAD_BYTES\n\
+             max_upload_bytes = {mub}\n\
+             # Requests in flight before new ones are shed with 503 + Retry-After.\n\
+             max_concurrent_requests = {mcr}\n\
+             # Lifetime of a signed checkpoint in seconds.\n\
+             checkpoint_ttl_secs = {ttl}\n\
+             # Deltas can be served from versions up to this many days old (older: 410).\n\
+             change_log_days = {days}\n\
+             change_log_max_versions = {maxv}\n\
+             # Retention purge and change-log pruning interval in seconds.\n\
+             maintenance_interval_secs = {mi}\n\
+             zstd_level = {z}\n\
+             snapshot_cache_bytes = {scb}\n\
+             device_cert_days = {dcd}\n\
+             \n\
+             [policy]\n\
+             fresh_secs = {fresh}\n\
+             expiry_secs = {expiry}\n\
+             wipe_secs = {wipe}\n",
+            listen = d.listen,
+            mub = d.max_upload_bytes,
+            mcr = d.max_concurrent_requests,
+            ttl = d.checkpoint_ttl_secs,
+            days = d.change_log_days,
+            maxv = d.change_log_max_versions,
+            mi = d.maintenance_interval_secs,
+            z = d.zstd_level,
+            scb = d.snapshot_cache_bytes,
+            dcd = d.device_cert_days,
+            fresh = p.fresh_secs,
+            expiry = p.expiry_secs,
+            wipe = p.wipe_secs,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_round_trips() {
+        let parsed: Config = toml::from_str(&Config::default_file()).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = Config::default();
+        c.apply_env(&|n| (n == "CPIS_LISTEN").then(|| "127.0.0.1:9000".to_owned()))
+            .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        let err = c
+            .apply_env(&|n| (n == "CPIS_CHANGE_LOG_DAYS").then(|| "x".to_owned()))
+            .unwrap_err();
+        assert!(err.to_string().contains("CPIS_CHANGE_LOG_DAYS"));
+    }
+}

@@ -1,0 +1,279 @@
+//! The signed regional feed (DESIGN.md §4): checkpoints, deltas from the change log, and
+//! snapshots built once per (region, epoch, version) and kept in a memory-bounded LRU cache.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use chrono::{DateTime, Duration, Utc};
+use cpis_protocol::{
+    Checkpoint, DeltaBody, DeltaMeta, FlagRecord, Policy, RegionId, SignedMessage, SigningKey,
+    SnapshotBody, SnapshotMeta, encode_body,
+};
+
+use crate::metrics::Metrics;
+use crate::store::{RegionChanges, RegionHead, Store, StoreError};
+
+/// Why a feed message could not be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("encoding a feed body: {0}")]
+    Encode(String),
+    #[error("snapshot build task failed: {0}")]
+    Task(String),
+}
+
+/// A built snapshot: its signed metadata and compressed body.
+#[derive(Debug)]
+pub struct BuiltSnapshot {
+    pub meta: SnapshotMeta,
+    /// The signed metadata envelope (the body of `GET /v1/device/snapshot`).
+    pub signed: Bytes,
+    /// The same envelope for the `x-cpis-signed` header.
+    pub header: String,
+    pub body: Bytes,
+}
+
+/// A built delta.
+#[derive(Debug)]
+pub struct BuiltDelta {
+    pub meta: DeltaMeta,
+    pub header: String,
+    pub body: Bytes,
+}
+
+type CacheKey = (RegionId, u64, u64);
+
+#[derive(Debug, Default)]
+struct Cache {
+    entries: Vec<(CacheKey, Arc<BuiltSnapshot>, u64)>,
+    tick: u64,
+}
+
+/// Signs feed messages and caches snapshots.
+#[derive(Debug)]
+pub struct Feed {
+    key: SigningKey,
+    policy: Policy,
+    checkpoint_ttl: Duration,
+    zstd_level: i32,
+    cache_bytes: usize,
+    cache: Mutex<Cache>,
+    build: tokio::sync::Mutex<()>,
+}
+
+impl Feed {
+    pub fn new(
+        key: SigningKey,
+        policy: Policy,
+        checkpoint_ttl: Duration,
+        zstd_level: i32,
+        cache_bytes: usize,
+    ) -> Self {
+        Self {
+            key,
+            policy,
+            checkpoint_ttl,
+            zstd_level,
+            cache_bytes,
+            cache: Mutex::new(Cache::default()),
+            build: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The policy sent to devices.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// A signed checkpoint of the region's head at `now`.
+    pub fn checkpoint(&self, head: &RegionHead, now: DateTime<Utc>) -> SignedMessage {
+        let checkpoint = Checkpoint {
+            region: head.region.clone(),
+            epoch: head.epoch,
+            head_version: head.version,
+            server_time: now,
+            expires_at: now + self.checkpoint_ttl,
+            policy: self.policy,
+        };
+        SignedMessage::sign(&self.key, &checkpoint)
+    }
+
+    /// Builds, compresses and signs a snapshot of the given state (CPU only).
+    pub fn build_snapshot(
+        &self,
+        head: &RegionHead,
+        flags: Vec<FlagRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<BuiltSnapshot, FeedError> {
+        build_snapshot(&self.key, self.zstd_level, head, flags, now)
+    }
+
+    /// Builds and signs the delta of `changes` from `from` to the region's head.
+    pub fn build_delta(
+        &self,
+        changes: RegionChanges,
+        from: u64,
+        now: DateTime<Utc>,
+    ) -> Result<BuiltDelta, FeedError> {
+        let change_count = changes.changes.len() as u64;
+        let body = DeltaBody {
+            councils: changes.head.councils,
+            changes: changes.changes,
+        };
+        let (bytes, info) = encode_body(&body, self.zstd_level).map_err(FeedError::Encode)?;
+        let meta = DeltaMeta {
+            region: changes.head.region,
+            epoch: changes.head.epoch,
+            from_version: from,
+            to_version: changes.head.version,
+            server_time: now,
+            change_count,
+            body: info,
+        };
+        let signed = SignedMessage::sign(&self.key, &meta);
+        Ok(BuiltDelta {
+            meta,
+            header: signed.to_header(),
+            body: Bytes::from(bytes),
+        })
+    }
+
+    /// A cached snapshot, if present.
+    pub fn cached(
+        &self,
+        region: &RegionId,
+        epoch: u64,
+        version: u64,
+    ) -> Option<Arc<BuiltSnapshot>> {
+        let mut cache = self.cache.lock().ok()?;
+        cache.tick += 1;
+        let tick = cache.tick;
+        cache
+            .entries
+            .iter_mut()
+            .find(|(k, _, _)| k.0 == *region && k.1 == epoch && k.2 == version)
+            .map(|(_, s, used)| {
+                *used = tick;
+                s.clone()
+            })
+    }
+
+    fn insert(&self, snapshot: Arc<BuiltSnapshot>) {
+        let Ok(mut cache) = self.cache.lock() else {
+            return;
+        };
+        cache.tick += 1;
+        let tick = cache.tick;
+        let key = (
+            snapshot.meta.region.clone(),
+            snapshot.meta.epoch,
+            snapshot.meta.version,
+        );
+        cache.entries.retain(|(k, _, _)| *k != key);
+        cache.entries.push((key, snapshot, tick));
+        // Evict least recently used entries beyond the bound, always keeping the newest.
+        loop {
+            let total: usize = cache.entries.iter().map(|(_, s, _)| s.body.len()).sum();
+            if total <= self.cache_bytes || cache.entries.len() <= 1 {
+                break;
+            }
+            let Some(oldest) = cache
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, _, used))| *used != tick)
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            cache.entries.remove(oldest);
+        }
+    }
+
+    /// The snapshot of the region's current head, built (once) if not cached. `None` for an
+    /// unknown region.
+    pub async fn current_snapshot<S: Store>(
+        &self,
+        store: &S,
+        region: &RegionId,
+        now: DateTime<Utc>,
+        metrics: &Metrics,
+    ) -> Result<Option<Arc<BuiltSnapshot>>, FeedError> {
+        let Some(head) = store.region_head(region.clone()).await? else {
+            return Ok(None);
+        };
+        if let Some(hit) = self.cached(region, head.epoch, head.version) {
+            metrics.snapshot_cache_hits.inc();
+            return Ok(Some(hit));
+        }
+        // One build at a time: a crowd of tablets asking at once waits for the first build.
+        let _building = self.build.lock().await;
+        if let Some(hit) = self.cached(region, head.epoch, head.version) {
+            metrics.snapshot_cache_hits.inc();
+            return Ok(Some(hit));
+        }
+        let Some((head, flags)) = store.region_snapshot(region.clone()).await? else {
+            return Ok(None);
+        };
+        if let Some(hit) = self.cached(region, head.epoch, head.version) {
+            return Ok(Some(hit));
+        }
+        let started = Instant::now();
+        let key = self.key.clone();
+        let level = self.zstd_level;
+        let built =
+            tokio::task::spawn_blocking(move || build_snapshot(&key, level, &head, flags, now))
+                .await
+                .map_err(|e| FeedError::Task(e.to_string()))??;
+        metrics
+            .snapshot_build_seconds
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            region = %built.meta.region,
+            epoch = built.meta.epoch,
+            version = built.meta.version,
+            flags = built.meta.flag_count,
+            bytes = built.body.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "built snapshot"
+        );
+        let built = Arc::new(built);
+        self.insert(built.clone());
+        Ok(Some(built))
+    }
+}
+
+/// Builds, compresses and signs a snapshot of a region's state.
+pub fn build_snapshot(
+    key: &SigningKey,
+    zstd_level: i32,
+    head: &RegionHead,
+    flags: Vec<FlagRecord>,
+    now: DateTime<Utc>,
+) -> Result<BuiltSnapshot, FeedError> {
+    let flag_count = flags.len() as u64;
+    let body = SnapshotBody {
+        councils: head.councils.clone(),
+        flags,
+    };
+    let (bytes, info) = encode_body(&body, zstd_level).map_err(FeedError::Encode)?;
+    let meta = SnapshotMeta {
+        region: head.region.clone(),
+        epoch: head.epoch,
+        version: head.version,
+        server_time: now,
+        flag_count,
+        body: info,
+    };
+    let signed = SignedMessage::sign(key, &meta);
+    Ok(BuiltSnapshot {
+        meta,
+        signed: Bytes::from(signed.to_bytes()),
+        header: signed.to_header(),
+        body: Bytes::from(bytes),
+    })
+}

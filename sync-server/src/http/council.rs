@@ -1,0 +1,134 @@
+//! The council API: bearer-token authentication and uploads.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use cpis_protocol::CouncilCode;
+use cpis_protocol::api::{ErrorDetail, UploadReceipt, UploadRejection, codes};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{ApiError, App};
+use crate::metrics::UploadLabels;
+use crate::store::Store;
+use crate::tokens;
+use crate::upload::{self, Invalid, UploadOptions};
+
+/// Checks the bearer token and that it belongs to the council in the path.
+pub(crate) async fn authorise<S: Store>(
+    app: &App<S>,
+    headers: &HeaderMap,
+    ods: &str,
+) -> Result<CouncilCode, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::unauthorised("send the council's token as `Authorization: Bearer TOKEN`")
+        })?;
+    let Some(council) = app.store.council_for_token(tokens::hash(token)).await? else {
+        return Err(ApiError::unauthorised("the token is not known"));
+    };
+    // The path must name the token's own council; anything else is refused the same way
+    // whether or not that council exists.
+    if ods.trim() != council.as_str() {
+        return Err(ApiError::forbidden(format!(
+            "this token belongs to council {council}; it cannot act for {ods}"
+        )));
+    }
+    Ok(council)
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct UploadQuery {
+    #[serde(default)]
+    allow_empty: bool,
+}
+
+/// `POST /v1/councils/{ods}/uploads`.
+pub(crate) async fn upload<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    Path(ods): Path<String>,
+    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let council = authorise(&app, &headers, &ods).await?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(app.config.max_upload_bytes)
+        } else {
+            ApiError::bad_request("bad_body", e.body_text())
+        }
+    })?;
+    let now = app.clock.now();
+    let today = now.date_naive();
+    let options = UploadOptions {
+        allow_empty: query.allow_empty,
+    };
+    let parse_council = council.clone();
+    let parsed =
+        tokio::task::spawn_blocking(move || upload::parse(&parse_council, &body, today, options))
+            .await
+            .map_err(|e| ApiError::internal("upload validation failed", &e))?;
+    let rows = match parsed {
+        Ok(rows) => rows,
+        Err(Invalid(errors)) => {
+            app.metrics
+                .uploads
+                .get_or_create(&UploadLabels { result: "rejected" })
+                .inc();
+            tracing::info!(%council, errors = errors.len(), "upload rejected");
+            let rejection = UploadRejection {
+                error: ErrorDetail {
+                    code: codes::INVALID_UPLOAD.to_owned(),
+                    message: format!(
+                        "the upload has {} error(s); nothing was applied",
+                        errors.len()
+                    ),
+                    wipe: false,
+                },
+                errors,
+            };
+            return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(rejection)).into_response());
+        }
+    };
+    // Retention runs before every upload so that the receipt's version includes it.
+    let purged = app.store.purge_expired(today, now).await?;
+    app.metrics.purged_flags.inc_by(purged);
+    let upload_id = Uuid::now_v7();
+    let outcome = app
+        .store
+        .apply_upload(council.clone(), upload_id, rows, now)
+        .await?;
+    let c = outcome.counts;
+    app.metrics
+        .uploads
+        .get_or_create(&UploadLabels { result: "accepted" })
+        .inc();
+    app.metrics
+        .upload_changes
+        .inc_by(c.added + c.updated + c.ended + c.removed);
+    app.metrics
+        .head_version
+        .set(i64::try_from(outcome.version).unwrap_or(i64::MAX));
+    tracing::info!(
+        %council, %upload_id, rows = c.rows, added = c.added, updated = c.updated,
+        ended = c.ended, removed = c.removed, unchanged = c.unchanged,
+        version = outcome.version, "upload applied"
+    );
+    Ok(Json(UploadReceipt {
+        upload_id,
+        result: "success".to_owned(),
+        counts: c,
+        version: outcome.version,
+    })
+    .into_response())
+}

@@ -1,0 +1,352 @@
+//! Device endpoints: enrolment, and (over mutual TLS) checkpoint, delta and snapshot.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Duration;
+use cpis_protocol::api::{EnrolRequest, EnrolResponse, codes, paths};
+use cpis_protocol::{DeviceId, PublicKey};
+use serde::Deserialize;
+
+use super::{ApiError, App};
+use crate::feed::BuiltSnapshot;
+use crate::store::{DeviceRecord, NewDevice, Store, TokenRefusal};
+use crate::tls::ClientIdentity;
+use crate::tokens;
+
+/// How often a device's `last_seen` is written (at most).
+const TOUCH_INTERVAL: Duration = Duration::minutes(5);
+/// Longest accepted device name.
+const MAX_NAME: usize = 100;
+
+fn refusal(r: TokenRefusal) -> ApiError {
+    match r {
+        TokenRefusal::Unknown => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::TOKEN_UNKNOWN,
+            "the enrolment token is not known",
+        ),
+        TokenRefusal::UsedUp => ApiError::new(
+            StatusCode::FORBIDDEN,
+            codes::TOKEN_USED_UP,
+            "the enrolment token has no uses left; ask trust IT for a new one",
+        ),
+        TokenRefusal::Expired => ApiError::new(
+            StatusCode::FORBIDDEN,
+            codes::TOKEN_EXPIRED,
+            "the enrolment token has expired; ask trust IT for a new one",
+        ),
+    }
+}
+
+/// `POST /v1/enrol`.
+pub(crate) async fn enrol<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    request: Result<Json<EnrolRequest>, JsonRejection>,
+) -> Result<Json<EnrolResponse>, ApiError> {
+    let Json(request) = request.map_err(|e| ApiError::bad_request("bad_request", e.body_text()))?;
+    let now = app.clock.now();
+    let hash = tokens::hash(&request.token);
+    // Refuse a bad token before looking at the CSR.
+    app.store
+        .check_enrolment_token(hash, now)
+        .await?
+        .map_err(refusal)?;
+    let name = request
+        .name
+        .map(|n| n.trim().chars().take(MAX_NAME).collect::<String>())
+        .filter(|n| !n.is_empty());
+    let device = DeviceId::new();
+    let valid_for = Duration::days(i64::from(app.config.device_cert_days));
+    let cert = app
+        .pki
+        .issue_device_certificate(&request.csr_pem, device, valid_for, now)
+        .map_err(|e| {
+            if e.is_client_error() {
+                ApiError::bad_request(codes::BAD_CSR, e.to_string())
+            } else {
+                ApiError::internal("issuing the device certificate failed", &e)
+            }
+        })?;
+    let record = app
+        .store
+        .enrol_device(
+            hash,
+            NewDevice {
+                id: device,
+                name,
+                agent_version: request.agent_version.chars().take(MAX_NAME).collect(),
+                cert_expires_at: cert.expires_at,
+            },
+            now,
+        )
+        .await?
+        .map_err(refusal)?;
+    tracing::info!(device = %record.id, trust = %record.trust, region = %record.region, "device enrolled");
+    Ok(Json(EnrolResponse {
+        device_id: record.id,
+        trust: record.trust,
+        region: record.region,
+        client_cert_pem: cert.pem,
+        client_cert_expires_at: cert.expires_at,
+        signing_public_key: PublicKey::from(app.pki.signing_key()),
+        policy: app.feed.policy(),
+    }))
+}
+
+/// A device authenticated by its client certificate, looked up on every request.
+#[derive(Debug)]
+pub(crate) struct AuthedDevice(pub(crate) DeviceRecord);
+
+impl<S: Store> FromRequestParts<Arc<App<S>>> for AuthedDevice {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App<S>>,
+    ) -> Result<Self, Self::Rejection> {
+        let cert_required =
+            |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, codes::CLIENT_CERT_REQUIRED, m);
+        let Some(ClientIdentity(Some(id))) = parts.extensions.get::<ClientIdentity>().copied()
+        else {
+            return Err(cert_required(
+                "device endpoints need the client certificate issued at enrolment",
+            ));
+        };
+        let Some(device) = app.store.device(id).await? else {
+            return Err(cert_required(
+                "the client certificate's device is not enrolled",
+            ));
+        };
+        if device.revoked_at.is_some() {
+            let mut err = ApiError::new(
+                StatusCode::FORBIDDEN,
+                codes::DEVICE_REVOKED,
+                "this device has been revoked: erase its data",
+            );
+            err.body.error.wipe = true;
+            tracing::warn!(device = %id, "revoked device refused");
+            return Err(err);
+        }
+        let now = app.clock.now();
+        if device
+            .last_seen
+            .is_none_or(|seen| now - seen >= TOUCH_INTERVAL)
+            && let Err(e) = app.store.touch_device(id, now).await
+        {
+            tracing::warn!(device = %id, error = %e, "recording last_seen failed");
+        }
+        Ok(AuthedDevice(device))
+    }
+}
+
+fn octet(body: impl Into<Body>) -> Response {
+    ([(header::CONTENT_TYPE, paths::OCTET)], body.into()).into_response()
+}
+
+fn signed_header(value: &str) -> Result<HeaderValue, ApiError> {
+    HeaderValue::from_str(value).map_err(|e| ApiError::internal("signed header", &e))
+}
+
+/// `GET /v1/device/checkpoint`.
+pub(crate) async fn checkpoint<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    AuthedDevice(device): AuthedDevice,
+) -> Result<Response, ApiError> {
+    let head = app
+        .store
+        .region_head(device.region.clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("region {} does not exist", device.region)))?;
+    let signed = app.feed.checkpoint(&head, app.clock.now());
+    Ok(octet(signed.to_bytes()))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct DeltaQuery {
+    from: u64,
+    /// The epoch the device holds; another epoch answers 410.
+    epoch: Option<u64>,
+}
+
+/// `GET /v1/device/delta?from=V[&epoch=E]`.
+pub(crate) async fn delta<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    AuthedDevice(device): AuthedDevice,
+    query: Result<Query<DeltaQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| {
+        ApiError::bad_request(
+            "bad_query",
+            format!("give ?from=VERSION: {}", e.body_text()),
+        )
+    })?;
+    let changes = app
+        .store
+        .region_changes(device.region.clone(), q.from)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("region {} does not exist", device.region)))?;
+    let head = &changes.head;
+    let gone = |why: String| ApiError::new(StatusCode::GONE, codes::DELTA_GONE, why);
+    if let Some(epoch) = q.epoch
+        && epoch != head.epoch
+    {
+        return Err(gone(format!(
+            "the region is now in epoch {}, not {epoch}: take a snapshot",
+            head.epoch
+        )));
+    }
+    if q.from == head.version {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    if q.from > head.version {
+        return Err(ApiError::bad_request(
+            "version_ahead",
+            format!("version {} is ahead of the head {}", q.from, head.version),
+        ));
+    }
+    if q.from < head.floor {
+        return Err(gone(format!(
+            "changes before version {} are no longer kept: take a snapshot",
+            head.floor
+        )));
+    }
+    let from = q.from;
+    let now = app.clock.now();
+    let built = app.feed.build_delta(changes, from, now)?;
+    let mut response = octet(built.body);
+    response
+        .headers_mut()
+        .insert(paths::SIGNED_HEADER, signed_header(&built.header)?);
+    Ok(response)
+}
+
+/// `GET /v1/device/snapshot`: the signed metadata of the region's current snapshot.
+pub(crate) async fn snapshot<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    AuthedDevice(device): AuthedDevice,
+) -> Result<Response, ApiError> {
+    let snapshot = app
+        .feed
+        .current_snapshot(&app.store, &device.region, app.clock.now(), &app.metrics)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("region {} does not exist", device.region)))?;
+    Ok(octet(snapshot.signed.clone()))
+}
+
+/// `GET /v1/device/snapshots/{epoch}/{version}`: the body, with HTTP Range support.
+pub(crate) async fn snapshot_body<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    AuthedDevice(device): AuthedDevice,
+    Path((epoch, version)): Path<(u64, u64)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let snapshot = match app.feed.cached(&device.region, epoch, version) {
+        Some(s) => s,
+        None => {
+            // Not cached (e.g. after a restart): build it if it is still the current one.
+            let current = app
+                .feed
+                .current_snapshot(&app.store, &device.region, app.clock.now(), &app.metrics)
+                .await?;
+            match current {
+                Some(s) if s.meta.epoch == epoch && s.meta.version == version => s,
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::GONE,
+                        codes::SNAPSHOT_GONE,
+                        format!(
+                            "snapshot {epoch}/{version} is no longer available: fetch {} again",
+                            paths::SNAPSHOT
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    ranged(&snapshot, headers.get(header::RANGE))
+}
+
+/// Parses a single `bytes=` range against a body of `len` bytes.
+fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            if n == 0 {
+                return None;
+            }
+            (len.saturating_sub(n), len.checked_sub(1)?)
+        }
+        (s, "") => (s.parse().ok()?, len.checked_sub(1)?),
+        (s, e) => {
+            let e: u64 = e.parse().ok()?;
+            (s.parse().ok()?, e.min(len.checked_sub(1)?))
+        }
+    };
+    (start <= end && start < len).then_some((start, end))
+}
+
+fn ranged(snapshot: &BuiltSnapshot, range: Option<&HeaderValue>) -> Result<Response, ApiError> {
+    let len = snapshot.body.len() as u64;
+    let etag = format!("\"{}\"", hex::encode(snapshot.meta.body.sha256));
+    let mut response = match range.and_then(|v| v.to_str().ok()) {
+        None => octet(snapshot.body.clone()),
+        Some(value) => match parse_range(value, len) {
+            Some((start, end)) => {
+                let part = snapshot.body.slice(start as usize..=end as usize);
+                let mut r = octet(part);
+                *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                r.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    signed_header(&format!("bytes {start}-{end}/{len}"))?,
+                );
+                r
+            }
+            None => {
+                let mut r = ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "range_not_satisfiable",
+                    format!("give one range within the {len} bytes of the body"),
+                )
+                .into_response();
+                r.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    signed_header(&format!("bytes */{len}"))?,
+                );
+                return Ok(r);
+            }
+        },
+    };
+    let h = response.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, signed_header(&etag)?);
+    h.insert(paths::SIGNED_HEADER, signed_header(&snapshot.header)?);
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=50-500", 100), Some((50, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+    }
+}

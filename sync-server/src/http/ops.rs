@@ -1,0 +1,44 @@
+//! Operational endpoints: `/healthz` and `/metrics`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, App};
+use crate::store::Store;
+
+/// `GET /healthz`: 200 when the database answers.
+pub(crate) async fn healthz<S: Store>(State(app): State<Arc<App<S>>>) -> Response {
+    match app.store.head_version().await {
+        Ok(v) => {
+            app.metrics
+                .head_version
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+            (StatusCode::OK, "ok\n").into_response()
+        }
+        Err(e) => ApiError::internal("health check failed", &e).into_response(),
+    }
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text.
+pub(crate) async fn metrics<S: Store>(State(app): State<Arc<App<S>>>) -> Response {
+    if let Ok(v) = app.store.head_version().await {
+        app.metrics
+            .head_version
+            .set(i64::try_from(v).unwrap_or(i64::MAX));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+pub(crate) async fn not_found() -> Response {
+    super::not_found()
+}

@@ -1,0 +1,106 @@
+//! Prometheus metrics, served as text at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    pub(crate) route: String,
+    pub(crate) method: String,
+    pub(crate) status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct UploadLabels {
+    pub(crate) result: &'static str,
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) uploads: Family<UploadLabels, Counter>,
+    pub(crate) upload_changes: Counter,
+    pub(crate) head_version: Gauge,
+    pub(crate) snapshot_build_seconds: Histogram,
+    pub(crate) snapshot_cache_hits: Counter,
+    pub(crate) purged_flags: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cpis");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            requests.clone(),
+        );
+        let uploads = Family::<UploadLabels, Counter>::default();
+        registry.register(
+            "council_uploads",
+            "Council uploads by result (accepted, rejected)",
+            uploads.clone(),
+        );
+        let upload_changes = Counter::default();
+        registry.register(
+            "upload_changes",
+            "Flag changes applied from council uploads",
+            upload_changes.clone(),
+        );
+        let head_version = Gauge::default();
+        registry.register(
+            "head_version",
+            "Global change-log head version",
+            head_version.clone(),
+        );
+        let snapshot_build_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 12));
+        registry.register(
+            "snapshot_build_seconds",
+            "Time to build, compress and sign a region snapshot",
+            snapshot_build_seconds.clone(),
+        );
+        let snapshot_cache_hits = Counter::default();
+        registry.register(
+            "snapshot_cache_hits",
+            "Snapshot requests served from the cache",
+            snapshot_cache_hits.clone(),
+        );
+        let purged_flags = Counter::default();
+        registry.register(
+            "purged_flags",
+            "Flags purged 12 months after their end date",
+            purged_flags.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            uploads,
+            upload_changes,
+            head_version,
+            snapshot_build_seconds,
+            snapshot_cache_hits,
+            purged_flags,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

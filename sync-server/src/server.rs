@@ -1,0 +1,232 @@
+//! Creating a data dir (`init`) and running the server (`serve`): `Server::bind` returns a
+//! handle with `local_addr()`, `shutdown()` and `join()`, so tests run it in-process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::{CONFIG_FILE, Config, ConfigError, DATABASE_FILE};
+use crate::feed::Feed;
+use crate::http::{self, App};
+use crate::metrics::Metrics;
+use crate::pki::{Pki, PkiError};
+use crate::store::{LogRetention, SqliteStore, Store, StoreError};
+
+/// Why the server could not be set up or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{} already exists and is not empty; refusing to overwrite a data dir", .0.display())]
+    DataDirExists(PathBuf),
+    #[error("{} is not an initialised data dir ({DATABASE_FILE} is missing); run `cpis-sync-server init` first", .0.display())]
+    NotInitialised(PathBuf),
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serving HTTPS: {0}")]
+    Serve(std::io::Error),
+    #[error("a server task failed: {0}")]
+    Task(String),
+}
+
+/// Creates a data dir: keys and certificates, `server.toml` and the migrated database.
+/// Refuses a path that exists and is not empty.
+pub fn init(data_dir: &Path, hostnames: &[String]) -> Result<(), ServerError> {
+    let io = |action, path: &Path| {
+        let path = path.to_owned();
+        move |source| ServerError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    if data_dir.exists() {
+        let mut entries = std::fs::read_dir(data_dir).map_err(io("reading", data_dir))?;
+        if entries.next().is_some() {
+            return Err(ServerError::DataDirExists(data_dir.to_owned()));
+        }
+    }
+    std::fs::create_dir_all(data_dir).map_err(io("creating", data_dir))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("securing", data_dir))?;
+    }
+    Pki::create(data_dir, hostnames)?;
+    let config_path = data_dir.join(CONFIG_FILE);
+    std::fs::write(&config_path, Config::default_file()).map_err(io("writing", &config_path))?;
+    SqliteStore::open(&data_dir.join(DATABASE_FILE))?;
+    Ok(())
+}
+
+/// Opens the database of an initialised data dir.
+pub fn open_store(data_dir: &Path) -> Result<SqliteStore, ServerError> {
+    let db = data_dir.join(DATABASE_FILE);
+    if !db.exists() {
+        return Err(ServerError::NotInitialised(data_dir.to_owned()));
+    }
+    Ok(SqliteStore::open(&db)?)
+}
+
+/// The running server.
+#[derive(Debug)]
+pub struct Server;
+
+/// A running server's handle.
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<Result<(), ServerError>>,
+    store: SqliteStore,
+}
+
+impl Server {
+    /// Loads the data dir's keys and database, binds `config.listen` and starts serving.
+    pub async fn bind(
+        data_dir: &Path,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<ServerHandle, ServerError> {
+        let store = open_store(data_dir)?;
+        let pki = Arc::new(Pki::load(data_dir)?);
+        let tls = pki.server_tls_config()?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+        let feed = Feed::new(
+            pki.signing_key().clone(),
+            config.policy.policy(),
+            Duration::seconds(i64::try_from(config.checkpoint_ttl_secs).unwrap_or(i64::MAX / 2)),
+            config.zstd_level,
+            config.snapshot_cache_bytes,
+        );
+        let app = Arc::new(App {
+            store: store.clone(),
+            feed,
+            pki,
+            clock,
+            metrics: Arc::new(Metrics::new()),
+            config,
+        });
+        let router = http::router(app.clone());
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            crate::tls::serve(listener, tls, router, token)
+                .await
+                .map_err(ServerError::Serve)
+        });
+        let token = shutdown.clone();
+        tasks.spawn(maintenance(app, token));
+        tracing::info!(%local_addr, "cpis-sync-server started");
+        Ok(ServerHandle {
+            local_addr,
+            shutdown,
+            tasks,
+            store,
+        })
+    }
+}
+
+/// Runs retention purge and change-log pruning now and then every interval.
+async fn maintenance(
+    app: Arc<App<SqliteStore>>,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let interval = std::time::Duration::from_secs(app.config.maintenance_interval_secs.max(1));
+    loop {
+        if let Err(e) = maintain(&app).await {
+            tracing::error!(error = %e, "maintenance failed; will retry");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// One round of maintenance: purge flags past retention, prune the change log.
+pub async fn maintain<S: Store>(app: &App<S>) -> Result<(), StoreError> {
+    let now = app.clock.now();
+    let purged = app.store.purge_expired(now.date_naive(), now).await?;
+    app.metrics.purged_flags.inc_by(purged);
+    let days = i64::try_from(app.config.change_log_days).unwrap_or(i64::MAX / 86_400 / 2);
+    let pruned = app
+        .store
+        .prune_change_log(LogRetention {
+            keep_since: now - Duration::days(days),
+            max_versions: app.config.change_log_max_versions,
+        })
+        .await?;
+    if purged > 0 || pruned > 0 {
+        tracing::info!(purged, pruned, "maintenance");
+    }
+    Ok(())
+}
+
+impl ServerHandle {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's store (tests and tools).
+    pub fn store(&self) -> &SqliteStore {
+        &self.store
+    }
+
+    /// Asks every task to stop (graceful: in-flight requests finish).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// A token cancelled when the server stops; cancel it to stop the server.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits for every task; the first failure stops the others and is returned.
+    pub async fn join(mut self) -> Result<(), ServerError> {
+        let mut result = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            let outcome = joined
+                .map_err(|e| ServerError::Task(e.to_string()))
+                .and_then(|r| r);
+            if let Err(e) = outcome {
+                self.shutdown.cancel();
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            } else {
+                // One task ending (e.g. on shutdown) ends the others too.
+                self.shutdown.cancel();
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,291 @@
+//! The storage interface of the server: one `Store` trait, one module per backend.
+//!
+//! Every method is async and returns a `Send` future so that a networked backend
+//! (PostgreSQL) can implement the same trait. Only the backend modules touch SQL. The change
+//! log is global and gap-free: every add, update, end, remove and purge takes the next
+//! version in the same transaction as the flag change it records.
+
+use std::future::Future;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use cpis_protocol::api::UploadCounts;
+use cpis_protocol::{
+    CouncilCode, CouncilInfo, DeviceId, FlagRecord, RegionId, TrustCode, VersionedChange,
+};
+use uuid::Uuid;
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing being created already exists.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// A thing the operation refers to does not exist.
+    #[error("{0} does not exist")]
+    Missing(String),
+    /// The database file holds a schema newer than this program understands.
+    #[error("database schema version {found} is newer than this program supports ({supported})")]
+    SchemaTooNew { found: u32, supported: u32 },
+    /// Data in the database could not be read back into a domain type.
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("the store's writer has stopped")]
+    WriterStopped,
+    #[error("store task failed: {0}")]
+    Task(String),
+    #[error("opening the database: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A trust, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustRecord {
+    pub code: TrustCode,
+    pub name: String,
+}
+
+/// A region, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionRecord {
+    pub id: RegionId,
+    pub name: String,
+    pub epoch: u64,
+    pub neighbours: Vec<CouncilCode>,
+}
+
+/// What a region carries now: its epoch, version and the directory of its scope councils
+/// (its own councils plus its neighbour councils that exist).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionHead {
+    pub region: RegionId,
+    pub epoch: u64,
+    /// The newest change-log version that touched the region's scope (or the scope's
+    /// retention floor when the log holds none).
+    pub version: u64,
+    /// Deltas can be served from any version at or above this.
+    pub floor: u64,
+    /// Directory entries of the scope councils, ordered by code.
+    pub councils: Vec<CouncilInfo>,
+}
+
+/// A region's changes after a version, read consistently with its head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionChanges {
+    pub head: RegionHead,
+    /// Changes in `(from, head.version]` of the scope councils, in version order.
+    pub changes: Vec<VersionedChange>,
+}
+
+/// Outcome of an applied upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadOutcome {
+    pub counts: UploadCounts,
+    /// The global head version after the upload.
+    pub version: u64,
+}
+
+/// An enrolment token as created by an administrator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEnrolmentToken {
+    pub hash: [u8; 32],
+    pub trust: TrustCode,
+    pub region: RegionId,
+    pub uses: u32,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Why an enrolment token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    Unknown,
+    UsedUp,
+    Expired,
+}
+
+/// A device to record at enrolment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDevice {
+    pub id: DeviceId,
+    pub name: Option<String>,
+    pub agent_version: String,
+    pub cert_expires_at: DateTime<Utc>,
+}
+
+/// A device, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub id: DeviceId,
+    pub trust: TrustCode,
+    pub region: RegionId,
+    pub name: Option<String>,
+    pub agent_version: String,
+    pub cert_expires_at: DateTime<Utc>,
+    pub enrolled_at: DateTime<Utc>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// What the change-log pruning keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRetention {
+    /// Changes recorded before this time may be pruned.
+    pub keep_since: DateTime<Utc>,
+    /// At most this many of the newest versions are kept.
+    pub max_versions: u64,
+}
+
+/// The server's storage. Implemented by [`SqliteStore`]; a PostgreSQL backend follows.
+pub trait Store: Send + Sync + 'static {
+    /// Adds a trust. `Conflict` if the code exists.
+    fn add_trust(
+        &self,
+        code: TrustCode,
+        name: String,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Adds a region with its neighbour councils (which need not exist yet).
+    fn add_region(
+        &self,
+        id: RegionId,
+        name: String,
+        neighbours: Vec<CouncilCode>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Replaces a region's neighbour councils; bumps its epoch when its scope changes.
+    fn set_region_neighbours(
+        &self,
+        id: RegionId,
+        neighbours: Vec<CouncilCode>,
+    ) -> impl Future<Output = Result<RegionRecord, StoreError>> + Send;
+
+    /// Lists regions.
+    fn regions(&self) -> impl Future<Output = Result<Vec<RegionRecord>, StoreError>> + Send;
+
+    /// Adds a council to its region's directory; bumps the epoch of every region whose
+    /// scope now includes it.
+    fn add_council(&self, info: CouncilInfo)
+    -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records a council bearer token (by its SHA-256 hash).
+    fn add_council_token(
+        &self,
+        council: CouncilCode,
+        hash: [u8; 32],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The council a token hash belongs to.
+    fn council_for_token(
+        &self,
+        hash: [u8; 32],
+    ) -> impl Future<Output = Result<Option<CouncilCode>, StoreError>> + Send;
+
+    /// Validates the whole upload elsewhere; this reconciles it against the council's
+    /// current flags and applies the changes, all in one transaction.
+    fn apply_upload(
+        &self,
+        council: CouncilCode,
+        upload_id: Uuid,
+        rows: Vec<FlagRecord>,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<UploadOutcome, StoreError>> + Send;
+
+    /// Removes (as changes) every flag whose retention ended before `today`; returns how
+    /// many were purged.
+    fn purge_expired(
+        &self,
+        today: NaiveDate,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Drops change-log entries outside the retention; returns how many were dropped.
+    fn prune_change_log(
+        &self,
+        retention: LogRetention,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// The global head version of the change log.
+    fn head_version(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// A region's current epoch, version and directory; `None` for an unknown region.
+    fn region_head(
+        &self,
+        region: RegionId,
+    ) -> impl Future<Output = Result<Option<RegionHead>, StoreError>> + Send;
+
+    /// Every live flag of the region's scope, read consistently with its head.
+    fn region_snapshot(
+        &self,
+        region: RegionId,
+    ) -> impl Future<Output = Result<Option<(RegionHead, Vec<FlagRecord>)>, StoreError>> + Send;
+
+    /// The region's changes after `from`, read consistently with its head.
+    fn region_changes(
+        &self,
+        region: RegionId,
+        from: u64,
+    ) -> impl Future<Output = Result<Option<RegionChanges>, StoreError>> + Send;
+
+    /// One council's current flags (tests and tools).
+    fn council_flags(
+        &self,
+        council: CouncilCode,
+    ) -> impl Future<Output = Result<Vec<FlagRecord>, StoreError>> + Send;
+
+    /// Records a new enrolment token.
+    fn add_enrolment_token(
+        &self,
+        token: NewEnrolmentToken,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Checks a token without using it (for an early, precise refusal).
+    fn check_enrolment_token(
+        &self,
+        hash: [u8; 32],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Result<(TrustCode, RegionId), TokenRefusal>, StoreError>> + Send;
+
+    /// Atomically uses one use of the token and records the device.
+    fn enrol_device(
+        &self,
+        hash: [u8; 32],
+        device: NewDevice,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Result<DeviceRecord, TokenRefusal>, StoreError>> + Send;
+
+    /// A device by id.
+    fn device(
+        &self,
+        id: DeviceId,
+    ) -> impl Future<Output = Result<Option<DeviceRecord>, StoreError>> + Send;
+
+    /// Records that a device was seen.
+    fn touch_device(
+        &self,
+        id: DeviceId,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every device, newest enrolment first.
+    fn devices(&self) -> impl Future<Output = Result<Vec<DeviceRecord>, StoreError>> + Send;
+
+    /// Revokes a device; `false` when it was already revoked.
+    fn revoke_device(
+        &self,
+        id: DeviceId,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Lists trusts.
+    fn trusts(&self) -> impl Future<Output = Result<Vec<TrustRecord>, StoreError>> + Send;
+
+    /// Lists councils.
+    fn councils(&self) -> impl Future<Output = Result<Vec<CouncilInfo>, StoreError>> + Send;
+}
