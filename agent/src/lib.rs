@@ -1,1 +1,23 @@
-//! CP-IS Edge tablet agent. Not built yet: see the "Tablet agent" issue.
+//! CP-IS Edge tablet agent: holds a region's flags encrypted at rest, answers lookups
+//! offline with an honest tri-state result and freshness, records every lookup in a durable
+//! encrypted outbox, and syncs signed snapshots and deltas, verifying everything first.
+//!
+//! Code map: [`keystore`] (master key, subkeys, sealing), [`store`] (the only SQL),
+//! [`agent`] (state directory; verify and apply), [`lookup`] (answers and status),
+//! [`freshness`] (the age rule), [`plan`] (sync decisions without IO), [`net`] (TLS client),
+//! [`sync`] (the driver and enrolment), [`api`] (local HTTP API), [`clock`] (time sources).
+
+pub mod agent;
+pub mod api;
+pub mod clock;
+pub mod freshness;
+pub mod keystore;
+pub mod lookup;
+pub mod net;
+pub mod plan;
+pub mod store;
+pub mod sync;
+
+pub use agent::{Agent, AgentError, Enrolment, StateDir, TlsMaterial, VerifiedCheckpoint};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use lookup::LookupInput;

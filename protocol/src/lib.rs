@@ -9,6 +9,7 @@ pub mod events;
 pub mod feed;
 pub mod flag;
 pub mod ids;
+pub mod local;
 pub mod nhs;
 pub mod policy;
 pub mod signing;

@@ -1,0 +1,531 @@
+//! The agent's state directory and its operations: open, verify and apply feed messages.
+//! Lookups and status live in [`crate::lookup`].
+//!
+//! Layout of a state directory:
+//! * `keys/master.key` — the device master key (0600), behind [`Keystore`];
+//! * `keys/device.key.pem` (0600), `keys/device.cert.pem`, `keys/ca.pem` — mTLS identity and
+//!   the only CA trusted for the server;
+//! * `enrolment.sealed` — device id, trust, region, server URL, pinned signing key, policy;
+//! * `flags.db`, `outbox.db` — see [`crate::store`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use cpis_protocol::{
+    Change, Checkpoint, DeltaBody, DeltaMeta, DeviceId, FlagRecord, NhsNumber, NhsNumberError,
+    Policy, Position, PublicKey, RegionId, SignedMessage, SnapshotBody, SnapshotMeta, TrustCode,
+    VerifyError,
+};
+
+use crate::clock::Clock;
+use crate::keystore::{FileKeystore, KeyError, Keys, Keystore, shred_file, write_private};
+use crate::store::{DataState, FlagDb, Outbox, StoreError};
+
+/// What went wrong in an agent operation.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("not enrolled: {0}")]
+    NotEnrolled(String),
+    #[error("already enrolled: {0}")]
+    AlreadyEnrolled(String),
+    #[error("{0}")]
+    InvalidNhsNumber(#[from] NhsNumberError),
+    #[error("rejected: {0}")]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Key(KeyError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+}
+
+impl From<KeyError> for AgentError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Missing => AgentError::NotEnrolled(e.to_string()),
+            e => AgentError::Key(e),
+        }
+    }
+}
+
+impl From<StoreError> for AgentError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Key(k) => k.into(),
+            e => AgentError::Store(e),
+        }
+    }
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
+    move |source| AgentError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What enrolment established; sealed in `enrolment.sealed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub device_id: DeviceId,
+    pub trust: TrustCode,
+    pub region: RegionId,
+    /// Base URL of the sync server, e.g. `https://sync.example:8443`.
+    pub server: String,
+    /// The pinned key that must sign every checkpoint, snapshot and delta.
+    pub signing_key: PublicKey,
+    pub policy: Policy,
+    pub client_cert_expires_at: DateTime<Utc>,
+    pub name: Option<String>,
+}
+
+/// The device's TLS identity and trust anchor, PEM.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsMaterial(..)")
+    }
+}
+
+/// Paths inside a state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+    pub fn enrolment(&self) -> PathBuf {
+        self.root.join("enrolment.sealed")
+    }
+    pub fn flags_db(&self) -> PathBuf {
+        self.root.join("flags.db")
+    }
+    pub fn outbox_db(&self) -> PathBuf {
+        self.root.join("outbox.db")
+    }
+    pub fn device_key(&self) -> PathBuf {
+        self.keys_dir().join("device.key.pem")
+    }
+    pub fn device_cert(&self) -> PathBuf {
+        self.keys_dir().join("device.cert.pem")
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.keys_dir().join("ca.pem")
+    }
+    /// Partial snapshot downloads (compressed, signed bodies: no plaintext).
+    pub fn downloads(&self) -> PathBuf {
+        self.root.join("downloads")
+    }
+    pub fn keystore(&self) -> FileKeystore {
+        FileKeystore::in_state_dir(&self.root)
+    }
+}
+
+/// A checkpoint whose signature and position checks passed. Only
+/// [`Agent::accept_checkpoint`] makes one.
+#[derive(Debug, Clone)]
+pub struct VerifiedCheckpoint(Checkpoint);
+
+impl VerifiedCheckpoint {
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.0
+    }
+}
+
+/// An open state directory.
+#[derive(Debug)]
+pub struct Agent {
+    pub(crate) dir: StateDir,
+    pub(crate) keys: Keys,
+    pub(crate) enrolment: Enrolment,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) flags: Mutex<FlagDb>,
+    pub(crate) outbox: Mutex<Outbox>,
+    /// The sealed state, cached with the `data_version` it was read at.
+    cache: Mutex<Option<(i64, Arc<DataState>)>>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const ENROLMENT_AAD: &[u8] = b"meta\0enrolment";
+
+impl Agent {
+    /// Writes a new state directory after a successful enrolment.
+    pub fn create(
+        dir: &Path,
+        enrolment: &Enrolment,
+        tls: &TlsMaterial,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, AgentError> {
+        let sd = StateDir::new(dir);
+        if sd.enrolment().exists() {
+            return Err(AgentError::AlreadyEnrolled(format!(
+                "{} already holds an enrolled device; run `cpis-agent wipe` first",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let keys = sd.keystore().create()?.derive();
+        write_private(&sd.device_key(), tls.key_pem.as_bytes())
+            .map_err(io_err(&sd.device_key()))?;
+        write_private(&sd.device_cert(), tls.cert_pem.as_bytes())
+            .map_err(io_err(&sd.device_cert()))?;
+        write_private(&sd.ca(), tls.ca_pem.as_bytes()).map_err(io_err(&sd.ca()))?;
+        {
+            let flags = FlagDb::open(&sd.flags_db())?;
+            flags.write_state(
+                &keys,
+                &DataState::empty(enrolment.region.clone(), enrolment.policy),
+            )?;
+            Outbox::open(&sd.outbox_db())?;
+        }
+        let plain = serde_json::to_vec(enrolment)
+            .map_err(|e| AgentError::Store(StoreError::Corrupt(e.to_string())))?;
+        let sealed = keys.meta.seal(&plain, ENROLMENT_AAD)?;
+        // Written last: its presence means the enrolment is complete.
+        write_private(&sd.enrolment(), &sealed).map_err(io_err(&sd.enrolment()))?;
+        Self::open(dir, clock)
+    }
+
+    /// Opens an enrolled state directory.
+    pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Self, AgentError> {
+        let sd = StateDir::new(dir);
+        let sealed = match std::fs::read(sd.enrolment()) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(AgentError::NotEnrolled(format!(
+                    "{} holds no enrolled device (enrol with `cpis-agent enrol`)",
+                    dir.display()
+                )));
+            }
+            Err(e) => return Err(io_err(&sd.enrolment())(e)),
+        };
+        let keys = sd.keystore().load()?.derive();
+        let plain = keys.meta.open(&sealed, ENROLMENT_AAD)?;
+        let enrolment: Enrolment = serde_json::from_slice(&plain)
+            .map_err(|e| AgentError::Store(StoreError::Corrupt(e.to_string())))?;
+        let flags = FlagDb::open(&sd.flags_db())?;
+        let outbox = Outbox::open(&sd.outbox_db())?;
+        Ok(Self {
+            dir: sd,
+            keys,
+            enrolment,
+            clock,
+            flags: Mutex::new(flags),
+            outbox: Mutex::new(outbox),
+            cache: Mutex::new(None),
+        })
+    }
+
+    pub fn enrolment(&self) -> &Enrolment {
+        &self.enrolment
+    }
+
+    pub fn state_dir(&self) -> &StateDir {
+        &self.dir
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The sealed state, from the cache unless another process committed since.
+    pub(crate) fn state_in(&self, db: &FlagDb) -> Result<Arc<DataState>, AgentError> {
+        let dv = db.data_version()?;
+        {
+            let cache = lock(&self.cache);
+            if let Some((v, st)) = cache.as_ref()
+                && *v == dv
+            {
+                return Ok(st.clone());
+            }
+        }
+        let st = Arc::new(db.read_state(&self.keys)?.unwrap_or_else(|| {
+            DataState::empty(self.enrolment.region.clone(), self.enrolment.policy)
+        }));
+        *lock(&self.cache) = Some((dv, st.clone()));
+        Ok(st)
+    }
+
+    pub(crate) fn remember(&self, db: &FlagDb, st: DataState) -> Result<(), AgentError> {
+        let dv = db.data_version()?;
+        *lock(&self.cache) = Some((dv, Arc::new(st)));
+        Ok(())
+    }
+
+    /// The current sealed state.
+    pub fn state(&self) -> Result<Arc<DataState>, AgentError> {
+        let db = lock(&self.flags);
+        self.state_in(&db)
+    }
+
+    /// What the tablet holds, for the protocol's checks.
+    pub fn position(&self) -> Result<Position, AgentError> {
+        Ok(position_of(&*self.state()?))
+    }
+
+    fn mark_verified(&self, st: &mut DataState, as_of: DateTime<Utc>) -> Result<(), AgentError> {
+        st.data_as_of = Some(st.data_as_of.map_or(as_of, |old| old.max(as_of)));
+        let now = self.clock.now();
+        st.verified_local = Some(now);
+        st.verified_boot = self.clock.boot();
+        // A fresh verification starts a fresh clock high-water mark.
+        lock(&self.outbox).set_high_water(&self.keys, now)?;
+        Ok(())
+    }
+
+    /// Verifies a signed checkpoint (signature, region, rollback, expiry) and records its
+    /// server time. When the data is already at its head, the data is now as of its time.
+    pub fn accept_checkpoint(
+        &self,
+        signed: &SignedMessage,
+    ) -> Result<VerifiedCheckpoint, AgentError> {
+        let cp: Checkpoint = signed.open(self.enrolment.signing_key.verifying_key())?;
+        cp.policy
+            .validate()
+            .map_err(|e| VerifyError::Malformed(format!("checkpoint policy: {e}")))?;
+        let db = lock(&self.flags);
+        let mut st = (*self.state_in(&db)?).clone();
+        cp.check(&position_of(&st), self.clock.now())?;
+        st.seen_server_time = Some(cp.server_time);
+        st.policy = cp.policy;
+        if st.data == Some((cp.epoch, cp.head_version)) {
+            self.mark_verified(&mut st, cp.server_time)?;
+        }
+        db.write_state(&self.keys, &st)?;
+        self.remember(&db, st)?;
+        Ok(VerifiedCheckpoint(cp))
+    }
+
+    /// Verifies signed snapshot metadata against the verified checkpoint.
+    pub fn check_snapshot_meta(
+        &self,
+        cp: &VerifiedCheckpoint,
+        signed: &SignedMessage,
+    ) -> Result<SnapshotMeta, AgentError> {
+        let meta: SnapshotMeta = signed.open(self.enrolment.signing_key.verifying_key())?;
+        meta.check(&self.position()?, &cp.0)?;
+        Ok(meta)
+    }
+
+    /// Verifies a snapshot completely (signature, position, size, digest, decoding, content)
+    /// and installs it in one transaction. On any error the previous data stays.
+    pub fn apply_snapshot(
+        &self,
+        cp: &VerifiedCheckpoint,
+        signed: &SignedMessage,
+        body: &[u8],
+    ) -> Result<SnapshotMeta, AgentError> {
+        let meta = self.check_snapshot_meta(cp, signed)?;
+        let snap: SnapshotBody = meta.body.open(body)?;
+        if snap.flags.len() as u64 != meta.flag_count {
+            return Err(VerifyError::Malformed(format!(
+                "snapshot holds {} flags, its metadata declares {}",
+                snap.flags.len(),
+                meta.flag_count
+            ))
+            .into());
+        }
+        let known: std::collections::BTreeSet<_> = snap.councils.iter().map(|c| &c.code).collect();
+        let mut by_subject: BTreeMap<NhsNumber, Vec<FlagRecord>> = BTreeMap::new();
+        for f in snap.flags {
+            if !known.contains(&f.council) {
+                return Err(VerifyError::Malformed(format!(
+                    "a flag names council {} which is not in the snapshot's directory",
+                    f.council
+                ))
+                .into());
+            }
+            by_subject.entry(f.nhs_number).or_default().push(f);
+        }
+        let mut rows: Vec<([u8; 32], Vec<FlagRecord>)> = by_subject
+            .into_iter()
+            .map(|(n, fs)| (self.keys.subject_key(n), fs))
+            .collect();
+        rows.sort_unstable_by_key(|r| r.0);
+
+        let mut db = lock(&self.flags);
+        let mut st = (*self.state_in(&db)?).clone();
+        // Re-check against the state under the lock (another writer may have moved on).
+        meta.check(&position_of(&st), &cp.0)?;
+        st.data = Some((meta.epoch, meta.version));
+        st.generation += 1;
+        st.councils = snap.councils;
+        let as_of = if meta.version == cp.0.head_version {
+            cp.0.server_time
+        } else {
+            meta.server_time.min(cp.0.server_time)
+        };
+        // A new epoch or snapshot replaces the basis of freshness outright.
+        st.data_as_of = None;
+        self.mark_verified(&mut st, as_of)?;
+        db.replace_all(
+            &self.keys,
+            meta.version,
+            rows.iter().map(|(k, fs)| (*k, fs.as_slice())),
+            &st,
+        )?;
+        self.remember(&db, st)?;
+        Ok(meta)
+    }
+
+    /// Verifies a delta completely and applies it in one transaction. On any error the
+    /// previous data stays.
+    pub fn apply_delta(
+        &self,
+        cp: &VerifiedCheckpoint,
+        signed: &SignedMessage,
+        body: &[u8],
+    ) -> Result<DeltaMeta, AgentError> {
+        let meta: DeltaMeta = signed.open(self.enrolment.signing_key.verifying_key())?;
+        meta.check(&self.position()?, &cp.0)?;
+        let delta: DeltaBody = meta.body.open(body)?;
+        if delta.changes.len() as u64 != meta.change_count {
+            return Err(VerifyError::Malformed(format!(
+                "delta holds {} changes, its metadata declares {}",
+                delta.changes.len(),
+                meta.change_count
+            ))
+            .into());
+        }
+        let known: std::collections::BTreeSet<_> = delta.councils.iter().map(|c| &c.code).collect();
+        let mut last = meta.from_version;
+        let mut by_subject: BTreeMap<NhsNumber, Vec<&Change>> = BTreeMap::new();
+        for vc in &delta.changes {
+            if vc.version <= last || vc.version > meta.to_version {
+                return Err(VerifyError::Malformed(format!(
+                    "change version {} is out of order or outside {}..={}",
+                    vc.version, meta.from_version, meta.to_version
+                ))
+                .into());
+            }
+            last = vc.version;
+            let nhs = match &vc.change {
+                Change::Upsert(f) => {
+                    if !known.contains(&f.council) {
+                        return Err(VerifyError::Malformed(format!(
+                            "a change names council {} which is not in the delta's directory",
+                            f.council
+                        ))
+                        .into());
+                    }
+                    f.nhs_number
+                }
+                Change::Remove(k) => k.nhs_number,
+            };
+            by_subject.entry(nhs).or_default().push(&vc.change);
+        }
+
+        let mut db = lock(&self.flags);
+        let mut st = (*self.state_in(&db)?).clone();
+        meta.check(&position_of(&st), &cp.0)?;
+        let mut rows = Vec::with_capacity(by_subject.len());
+        for (nhs, changes) in by_subject {
+            let key = self.keys.subject_key(nhs);
+            let mut flags = db
+                .subject(&self.keys, &key)?
+                .map(|r| r.1)
+                .unwrap_or_default();
+            for ch in changes {
+                match ch {
+                    Change::Upsert(f) => {
+                        flags.retain(|g| g.key() != f.key());
+                        flags.push(f.clone());
+                    }
+                    Change::Remove(k) => flags.retain(|g| &g.key() != k),
+                }
+            }
+            flags.sort();
+            rows.push((key, flags));
+        }
+        st.data = Some((meta.epoch, meta.to_version));
+        st.councils = delta.councils;
+        let as_of = if meta.to_version == cp.0.head_version {
+            cp.0.server_time
+        } else {
+            meta.server_time.min(cp.0.server_time)
+        };
+        self.mark_verified(&mut st, as_of)?;
+        db.update_subjects(&self.keys, meta.to_version, &rows, &st)?;
+        self.remember(&db, st)?;
+        Ok(meta)
+    }
+
+    /// Records the outcome of a sync attempt for `status`.
+    pub fn record_sync(&self, outcome: Result<(), String>) -> Result<(), AgentError> {
+        let db = lock(&self.flags);
+        let mut st = (*self.state_in(&db)?).clone();
+        let now = self.clock.now();
+        st.last_sync_attempt = Some(now);
+        match outcome {
+            Ok(()) => {
+                st.last_sync_success = Some(now);
+                st.last_sync_error = None;
+            }
+            Err(e) => st.last_sync_error = Some(e),
+        }
+        db.write_state(&self.keys, &st)?;
+        self.remember(&db, st)?;
+        Ok(())
+    }
+
+    /// Destroys the master key (overwrite, fsync, delete), then every file of the state
+    /// directory. Without the key nothing left behind can be read.
+    pub fn wipe(dir: &Path) -> Result<(), AgentError> {
+        let sd = StateDir::new(dir);
+        sd.keystore().destroy()?;
+        for p in [sd.device_key(), sd.device_cert(), sd.ca(), sd.enrolment()] {
+            shred_file(&p).map_err(io_err(&p))?;
+        }
+        for db in [sd.flags_db(), sd.outbox_db()] {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut p = db.clone().into_os_string();
+                p.push(suffix);
+                let p = PathBuf::from(p);
+                shred_file(&p).map_err(io_err(&p))?;
+            }
+        }
+        let dl = sd.downloads();
+        if dl.exists() {
+            std::fs::remove_dir_all(&dl).map_err(io_err(&dl))?;
+        }
+        let kd = sd.keys_dir();
+        if kd.exists() {
+            std::fs::remove_dir_all(&kd).map_err(io_err(&kd))?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn position_of(st: &DataState) -> Position {
+    Position {
+        region: st.region.clone(),
+        data: st.data,
+        server_time: st.seen_server_time,
+    }
+}

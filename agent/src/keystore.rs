@@ -1,0 +1,327 @@
+//! Keys: the device master key behind a small [`Keystore`] interface (a key file by
+//! default, so a platform keystore can replace it), and the per-purpose subkeys derived from
+//! it with HKDF-SHA256.
+//!
+//! Sealing is XChaCha20-Poly1305 with a random 24-byte nonce: a sealed blob is
+//! `nonce || ciphertext || tag`, and every caller binds what the blob is (its row key and
+//! version) as associated data, so a blob moved to another row does not open.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use rand::RngCore as _;
+use sha2::Sha256;
+
+use cpis_protocol::NhsNumber;
+
+/// Length of the master key and of every subkey.
+pub const KEY_LEN: usize = 32;
+const NONCE_LEN: usize = 24;
+
+/// Why a key could not be made, read or destroyed, or a blob could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no device key: this tablet is not enrolled, or it was wiped")]
+    Missing,
+    #[error("the device key file is damaged: {0}")]
+    Damaged(String),
+    #[error("device key IO on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a sealed record does not open: it was altered, moved or sealed with another key")]
+    Unseal,
+    #[error("sealing failed")]
+    Seal,
+}
+
+/// Holds the device master key. Implementations: [`FileKeystore`]; a platform keystore
+/// (Android Keystore, TPM) can implement the same trait.
+pub trait Keystore: Send + Sync + std::fmt::Debug {
+    /// Makes and stores a new random master key; fails if one exists.
+    fn create(&self) -> Result<MasterKey, KeyError>;
+    /// Loads the master key.
+    fn load(&self) -> Result<MasterKey, KeyError>;
+    /// Destroys the master key so that nothing sealed with it can be opened again.
+    fn destroy(&self) -> Result<(), KeyError>;
+}
+
+/// The device master key. Never leaves the process except through its keystore.
+pub struct MasterKey([u8; KEY_LEN]);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}
+
+impl MasterKey {
+    /// A new random key.
+    pub fn generate() -> Self {
+        let mut k = [0u8; KEY_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut k);
+        Self(k)
+    }
+
+    /// Derives the per-purpose subkeys.
+    pub fn derive(&self) -> Keys {
+        let hk = Hkdf::<Sha256>::new(Some(b"cpis-edge-agent/v1"), &self.0);
+        let sub = |info: &[u8]| {
+            let mut out = [0u8; KEY_LEN];
+            // A 32-byte output is always within HKDF-SHA256's limit.
+            let _ = hk.expand(info, &mut out);
+            out
+        };
+        Keys {
+            lookup: sub(b"lookup-hash"),
+            snapshot: Sealer::new(&sub(b"snapshot-seal")),
+            outbox: Sealer::new(&sub(b"outbox-seal")),
+            meta: Sealer::new(&sub(b"meta-seal")),
+        }
+    }
+}
+
+/// The master key in a file of its own (mode 0600) under `STATE_DIR/keys/`.
+#[derive(Debug, Clone)]
+pub struct FileKeystore {
+    path: PathBuf,
+}
+
+impl FileKeystore {
+    /// The keystore of a state directory.
+    pub fn in_state_dir(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("keys").join("master.key"),
+        }
+    }
+
+    fn io(&self, source: std::io::Error) -> KeyError {
+        KeyError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+/// Writes `bytes` to a new file with mode 0600, fsyncs it and its directory.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    set_dir_private(dir)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn set_dir_private(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Overwrites a file with zeros, fsyncs, then deletes it. Missing files are fine.
+pub(crate) fn shred_file(path: &Path) -> std::io::Result<()> {
+    let len = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    {
+        let mut f = fs::OpenOptions::new().write(true).open(path)?;
+        let zeros = vec![0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        f.sync_all()?;
+    }
+    fs::remove_file(path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Keystore for FileKeystore {
+    fn create(&self) -> Result<MasterKey, KeyError> {
+        if self.path.exists() {
+            return Err(KeyError::Damaged(format!(
+                "{} already exists; wipe the tablet before enrolling again",
+                self.path.display()
+            )));
+        }
+        let key = MasterKey::generate();
+        write_private(&self.path, &key.0).map_err(|e| self.io(e))?;
+        Ok(key)
+    }
+
+    fn load(&self) -> Result<MasterKey, KeyError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(KeyError::Missing),
+            Err(e) => return Err(self.io(e)),
+        };
+        let arr: [u8; KEY_LEN] = bytes.try_into().map_err(|b: Vec<u8>| {
+            KeyError::Damaged(format!("expected {KEY_LEN} bytes, found {}", b.len()))
+        })?;
+        if arr == [0u8; KEY_LEN] {
+            return Err(KeyError::Missing);
+        }
+        Ok(MasterKey(arr))
+    }
+
+    fn destroy(&self) -> Result<(), KeyError> {
+        shred_file(&self.path).map_err(|e| self.io(e))
+    }
+}
+
+/// Seals and opens blobs with one subkey.
+#[derive(Clone)]
+pub struct Sealer(XChaCha20Poly1305);
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer(..)")
+    }
+}
+
+impl Sealer {
+    fn new(key: &[u8; KEY_LEN]) -> Self {
+        Self(XChaCha20Poly1305::new(key.into()))
+    }
+
+    /// `nonce || ciphertext+tag`, with `aad` bound in.
+    pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let ct = self
+            .0
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .map_err(|_| KeyError::Seal)?;
+        let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// Opens a blob sealed with the same key and `aad`.
+    pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        if sealed.len() < NONCE_LEN {
+            return Err(KeyError::Unseal);
+        }
+        let (nonce, ct) = sealed.split_at(NONCE_LEN);
+        self.0
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
+            .map_err(|_| KeyError::Unseal)
+    }
+}
+
+/// The subkeys, one per purpose.
+#[derive(Clone)]
+pub struct Keys {
+    lookup: [u8; KEY_LEN],
+    /// Flag rows.
+    pub snapshot: Sealer,
+    /// Outbox events.
+    pub outbox: Sealer,
+    /// Metadata: position, policy, council directory, enrolment.
+    pub meta: Sealer,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+impl Keys {
+    /// The row key of a subject: HMAC-SHA256 of the ten ASCII digits under the lookup key.
+    pub fn subject_key(&self, nhs: NhsNumber) -> [u8; 32] {
+        // HMAC accepts keys of any length.
+        let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(&self.lookup) {
+            Ok(m) => m,
+            Err(_) => unreachable_hmac(),
+        };
+        mac.update(&nhs.to_ascii());
+        mac.finalize().into_bytes().into()
+    }
+}
+
+#[cold]
+fn unreachable_hmac() -> ! {
+    // `new_from_slice` only fails for key lengths HMAC rejects, and it rejects none.
+    panic!("HMAC rejected a 32-byte key")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_binds_aad() {
+        let keys = MasterKey::generate().derive();
+        let blob = keys.snapshot.seal(b"hello", b"row-1").unwrap();
+        assert_eq!(keys.snapshot.open(&blob, b"row-1").unwrap(), b"hello");
+        assert!(keys.snapshot.open(&blob, b"row-2").is_err());
+        assert!(keys.outbox.open(&blob, b"row-1").is_err());
+        let mut bad = blob.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(keys.snapshot.open(&bad, b"row-1").is_err());
+    }
+
+    #[test]
+    fn file_keystore_round_trip_and_destroy() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = FileKeystore::in_state_dir(dir.path());
+        assert!(matches!(ks.load(), Err(KeyError::Missing)));
+        let k = ks.create().unwrap();
+        let n: NhsNumber = "9434765919".parse().unwrap();
+        assert_eq!(
+            ks.load().unwrap().derive().subject_key(n),
+            k.derive().subject_key(n)
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = fs::metadata(dir.path().join("keys/master.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        ks.destroy().unwrap();
+        assert!(matches!(ks.load(), Err(KeyError::Missing)));
+    }
+}

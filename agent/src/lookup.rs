@@ -1,0 +1,314 @@
+//! Lookups and status: NHS number → keyed hash → sealed row → tri-state answer with
+//! freshness, coverage and warnings; the access event is committed to the outbox (fsync)
+//! before the answer is returned.
+//!
+//! Result rule: any flag held for the number (live, or ended within the 12-month retention)
+//! makes the result `flagged` — a match is always shown, with its dates (ended flags carry
+//! their end date and `ended: true`) and the data's as-of date, whatever the freshness.
+//! Without a match the result is `not_flagged` only while the data is fresh or stale; with
+//! expired data, or no data at all, it is `unknown`.
+
+use chrono::{DateTime, Utc};
+
+use cpis_protocol::local::{
+    CouncilContact, Coverage, CoveredCouncil, FlagView, LookupResponse, StatusResponse, Warning,
+};
+use cpis_protocol::{
+    AccessEvent, CareSetting, EventId, Freshness, LookupResult, NhsNumber, retained_until,
+};
+
+use crate::agent::{Agent, AgentError, lock};
+use crate::freshness::{Readings, Verified, judge};
+use crate::store::DataState;
+
+/// Outbox size above which every answer warns that events are not getting through.
+pub const OUTBOX_BACKLOG_WARNING: u64 = 100;
+
+/// A lookup as asked.
+#[derive(Debug, Clone, Default)]
+pub struct LookupInput<'a> {
+    /// Any of the three accepted forms.
+    pub nhs_number: &'a str,
+    pub staff_id: Option<String>,
+    pub incident_ref: Option<String>,
+}
+
+fn warn(code: &str, message: String) -> Warning {
+    Warning {
+        code: code.into(),
+        message,
+    }
+}
+
+fn human_age(secs: u64) -> String {
+    if secs < 2 * 3600 {
+        format!("{} minutes", secs / 60)
+    } else if secs < 3 * 86400 {
+        format!("{} hours", secs / 3600)
+    } else {
+        format!("{} days", secs / 86400)
+    }
+}
+
+/// Freshness, age and warnings about the data.
+fn assess(
+    st: &DataState,
+    now: DateTime<Utc>,
+    boot: Option<&crate::clock::BootStamp>,
+    high_water: Option<DateTime<Utc>>,
+) -> (Freshness, Option<u64>, Vec<Warning>) {
+    let mut warnings = Vec::new();
+    let (Some(as_of), Some(_)) = (st.data_as_of, st.data) else {
+        warnings.push(warn(
+            "no_data",
+            "No flag data is installed on this tablet: a miss cannot be relied on. \
+             Sync when a connection is available."
+                .into(),
+        ));
+        return (Freshness::Expired, None, warnings);
+    };
+    let v = Verified {
+        as_of,
+        verified_local: st.verified_local,
+        verified_boot: st.verified_boot.as_ref(),
+    };
+    let r = Readings {
+        now,
+        boot,
+        high_water,
+    };
+    let (freshness, age) = judge(&st.policy, &v, &r);
+    match freshness {
+        Freshness::Fresh => {}
+        Freshness::Stale => warnings.push(warn(
+            "data_stale",
+            format!(
+                "Data is {} old (fresh for {}): it may miss recent plans. Sync when possible.",
+                human_age(age),
+                human_age(st.policy.fresh_secs)
+            ),
+        )),
+        Freshness::Expired => warnings.push(warn(
+            "data_expired",
+            format!(
+                "Data is {} old, past the {} limit: a miss cannot be relied on \
+                 (result unknown). Sync as soon as possible.",
+                human_age(age),
+                human_age(st.policy.expiry_secs)
+            ),
+        )),
+    }
+    if now + chrono::Duration::minutes(10) < as_of {
+        warnings.push(warn(
+            "clock_behind",
+            "The tablet clock is behind the server's time; check the tablet's date and time."
+                .into(),
+        ));
+    }
+    (freshness, Some(age), warnings)
+}
+
+fn coverage(st: &DataState) -> Coverage {
+    Coverage {
+        region: st.region.clone(),
+        councils: st
+            .councils
+            .iter()
+            .map(|c| CoveredCouncil {
+                ods: c.code.clone(),
+                name: c.name.clone(),
+            })
+            .collect(),
+    }
+}
+
+impl Agent {
+    /// Answers a lookup and records its access event durably before returning.
+    pub fn lookup(&self, input: LookupInput<'_>) -> Result<LookupResponse, AgentError> {
+        let nhs: NhsNumber = input.nhs_number.parse()?;
+        let key = self.keys.subject_key(nhs);
+        let now = self.clock.now();
+        let boot = self.clock.boot();
+        let (st, row) = {
+            let db = lock(&self.flags);
+            let st = self.state_in(&db)?;
+            let row = db.subject(&self.keys, &key)?;
+            (st, row)
+        };
+        if let (Some((ver, _)), Some((_, held))) = (&row, st.data)
+            && *ver > held
+        {
+            {
+                return Err(AgentError::Store(crate::store::StoreError::Corrupt(
+                    format!("a row is at version {ver}, beyond the installed version {held}"),
+                )));
+            }
+        }
+        let mut outbox = lock(&self.outbox);
+        let high_water = outbox.high_water(&self.keys)?;
+        let (freshness, age, mut warnings) = assess(&st, now, boot.as_ref(), high_water);
+        let today = now.date_naive();
+        let mut flags: Vec<FlagView> = row
+            .map(|r| r.1)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f.end_date.is_none_or(|end| retained_until(end) >= today))
+            .map(|f| {
+                let council = st
+                    .councils
+                    .iter()
+                    .find(|c| c.code == f.council)
+                    .map_or_else(
+                        || CouncilContact {
+                            ods: f.council.clone(),
+                            name: format!("council {}", f.council),
+                            emergency_phone: String::new(),
+                            office_phone: None,
+                        },
+                        |c| CouncilContact {
+                            ods: c.code.clone(),
+                            name: c.name.clone(),
+                            emergency_phone: c.emergency_phone.clone(),
+                            office_phone: c.office_phone.clone(),
+                        },
+                    );
+                FlagView {
+                    plan_type: f.plan_type,
+                    start_date: f.start_date,
+                    end_date: f.end_date,
+                    ended: f.is_ended(today),
+                    council,
+                }
+            })
+            .collect();
+        // Live flags first, then the most recent.
+        flags.sort_by(|a, b| a.ended.cmp(&b.ended).then(b.start_date.cmp(&a.start_date)));
+        let result = if !flags.is_empty() {
+            LookupResult::Flagged
+        } else if freshness == Freshness::Expired {
+            LookupResult::Unknown
+        } else {
+            LookupResult::NotFlagged
+        };
+        let mut plan_types: Vec<_> = flags.iter().map(|f| f.plan_type).collect();
+        plan_types.sort();
+        plan_types.dedup();
+        let mut councils: Vec<_> = flags.iter().map(|f| f.council.ods.clone()).collect();
+        councils.sort();
+        councils.dedup();
+        let event = AccessEvent {
+            event_id: EventId::new(),
+            accessed_at: now,
+            trust: self.enrolment.trust.clone(),
+            device: self.enrolment.device_id,
+            staff_id: input.staff_id,
+            nhs_number: nhs,
+            result,
+            plan_types,
+            councils,
+            data_as_of: st.data_as_of,
+            freshness,
+            setting: CareSetting::Ambulance,
+            incident_ref: input.incident_ref,
+        };
+        let hw = high_water.map_or(now, |h| h.max(now));
+        outbox.append(&self.keys, &event, hw)?;
+        let pending = outbox.pending_count()?;
+        drop(outbox);
+        if pending >= OUTBOX_BACKLOG_WARNING {
+            warnings.push(warn(
+                "outbox_backlog",
+                format!("{pending} access records are waiting to be sent to the server."),
+            ));
+        }
+        Ok(LookupResponse {
+            nhs_number: nhs.to_string(),
+            result,
+            flags,
+            freshness,
+            data_as_of: st.data_as_of,
+            data_age_secs: age,
+            region: st.region.clone(),
+            coverage: coverage(&st),
+            warnings,
+            event_id: event.event_id,
+        })
+    }
+
+    /// The device's status. Also shreds the flags by itself when no checkpoint has been
+    /// verified for the policy's wipe age (DESIGN.md §2 rule 6).
+    pub fn status(&self) -> Result<StatusResponse, AgentError> {
+        self.shred_if_too_old()?;
+        let now = self.clock.now();
+        let (st, subjects) = {
+            let db = lock(&self.flags);
+            (self.state_in(&db)?, db.subject_count()?)
+        };
+        let (high_water, pending) = {
+            let outbox = lock(&self.outbox);
+            (outbox.high_water(&self.keys)?, outbox.pending_count()?)
+        };
+        let (freshness, age, mut warnings) =
+            assess(&st, now, self.clock.boot().as_ref(), high_water);
+        if pending >= OUTBOX_BACKLOG_WARNING {
+            warnings.push(warn(
+                "outbox_backlog",
+                format!("{pending} access records are waiting to be sent to the server."),
+            ));
+        }
+        let cov = coverage(&st);
+        Ok(StatusResponse {
+            device: self.enrolment.device_id,
+            trust: self.enrolment.trust.clone(),
+            region: st.region.clone(),
+            server: self.enrolment.server.clone(),
+            epoch: st.data.map(|d| d.0),
+            version: st.data.map(|d| d.1),
+            data_as_of: st.data_as_of,
+            data_age_secs: age,
+            freshness,
+            policy: st.policy,
+            subjects,
+            councils: cov.councils,
+            last_sync_attempt: st.last_sync_attempt,
+            last_sync_success: st.last_sync_success,
+            last_sync_error: st.last_sync_error.clone(),
+            outbox_pending: pending,
+            client_cert_expires_at: self.enrolment.client_cert_expires_at,
+            warnings,
+        })
+    }
+
+    /// Deletes the flags when the data is older than the wipe age. Returns whether it did.
+    pub fn shred_if_too_old(&self) -> Result<bool, AgentError> {
+        let now = self.clock.now();
+        let high_water = lock(&self.outbox).high_water(&self.keys)?;
+        let mut db = lock(&self.flags);
+        let st = self.state_in(&db)?;
+        let (Some(as_of), Some(_)) = (st.data_as_of, st.data) else {
+            return Ok(false);
+        };
+        let v = Verified {
+            as_of,
+            verified_local: st.verified_local,
+            verified_boot: st.verified_boot.as_ref(),
+        };
+        let boot = self.clock.boot();
+        let r = Readings {
+            now,
+            boot: boot.as_ref(),
+            high_water,
+        };
+        let age = crate::freshness::data_age(&v, &r);
+        if u64::try_from(age.num_seconds()).unwrap_or(0) <= st.policy.wipe_secs {
+            return Ok(false);
+        }
+        let mut new = (*st).clone();
+        new.data = None;
+        new.data_as_of = None;
+        new.councils.clear();
+        db.clear_flags(&self.keys, &new)?;
+        self.remember(&db, new)?;
+        Ok(true)
+    }
+}

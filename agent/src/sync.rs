@@ -1,0 +1,194 @@
+//! The sync driver and enrolment: does the network and disk work that [`crate::plan`]
+//! decides, and verifies everything (through [`Agent`]) before it is applied.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cpis_protocol::local::SyncResponse;
+use cpis_protocol::{DeltaMeta, EventBatch};
+
+use crate::agent::{Agent, AgentError, Enrolment, TlsMaterial, lock};
+use crate::clock::Clock;
+use crate::net::{self, DeltaFetch, DeviceClient, NetError};
+use crate::plan::{Action, Event, SyncPlan};
+
+/// Enrols with the server (trusting only `ca_pem`) and writes a new state directory.
+/// Nothing is written unless the server accepts the token.
+pub async fn enrol(
+    dir: &Path,
+    server: &str,
+    ca_pem: &str,
+    token: &str,
+    name: Option<String>,
+    clock: Arc<dyn Clock>,
+) -> Result<Agent, AgentError> {
+    let sd = crate::agent::StateDir::new(dir);
+    if sd.enrolment().exists() {
+        return Err(AgentError::AlreadyEnrolled(format!(
+            "{} already holds an enrolled device; run `cpis-agent wipe` first",
+            dir.display()
+        )));
+    }
+    let enrolled = net::enrol(server, ca_pem, token, name.clone()).await?;
+    let r = enrolled.response;
+    r.policy
+        .validate()
+        .map_err(|e| NetError::Protocol(format!("enrolment policy: {e}")))?;
+    let enrolment = Enrolment {
+        device_id: r.device_id,
+        trust: r.trust,
+        region: r.region,
+        server: server.trim_end_matches('/').to_owned(),
+        signing_key: r.signing_public_key,
+        policy: r.policy,
+        client_cert_expires_at: r.client_cert_expires_at,
+        name,
+    };
+    let tls = TlsMaterial {
+        ca_pem: ca_pem.to_owned(),
+        cert_pem: r.client_cert_pem,
+        key_pem: enrolled.key_pem,
+    };
+    Agent::create(dir, &enrolment, &tls, clock)
+}
+
+/// The device's mTLS client, from the state directory.
+pub fn device_client(agent: &Agent) -> Result<DeviceClient, AgentError> {
+    let sd = agent.state_dir();
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(&p).map_err(|source| AgentError::Io { path: p, source })
+    };
+    Ok(DeviceClient::new(
+        &agent.enrolment().server,
+        &read(sd.ca())?,
+        &read(sd.device_cert())?,
+        &read(sd.device_key())?,
+    )?)
+}
+
+/// One sync: checkpoint, then deltas or a snapshot as planned, then pending events.
+/// A revoked device shreds its state directory.
+pub async fn sync_once(
+    agent: &Agent,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<SyncResponse, AgentError> {
+    let result = async {
+        let client = device_client(agent)?;
+        run(agent, &client, progress).await
+    }
+    .await;
+    if let Err(AgentError::Net(NetError::Revoked(msg))) = &result {
+        let msg = msg.clone();
+        Agent::wipe(&agent.state_dir().root)?;
+        return Err(AgentError::NotEnrolled(format!(
+            "this device was revoked ({msg}); its data has been shredded"
+        )));
+    }
+    agent.record_sync(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))?;
+    result
+}
+
+async fn run(
+    agent: &Agent,
+    client: &DeviceClient,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<SyncResponse, AgentError> {
+    let cp = agent.accept_checkpoint(&client.checkpoint().await?)?;
+    let (mut plan, mut action) = SyncPlan::new(agent.position()?.data, cp.checkpoint());
+    let mut what = "up_to_date";
+    let vk = *agent.enrolment().signing_key.verifying_key();
+    let downloads = agent.state_dir().downloads();
+    loop {
+        action = match action {
+            Action::Done => break,
+            Action::FetchDelta { from } => {
+                let fetched = client
+                    .delta(from, |s| Ok(s.open::<DeltaMeta>(&vk)?.body))
+                    .await?;
+                match fetched {
+                    DeltaFetch::UpToDate => plan.on(Event::DeltaUpToDate),
+                    DeltaFetch::Gone => plan.on(Event::DeltaGone),
+                    DeltaFetch::Body { signed, body } => {
+                        let meta = agent.apply_delta(&cp, &signed, &body)?;
+                        what = "delta";
+                        plan.on(Event::DeltaApplied {
+                            to: meta.to_version,
+                        })
+                    }
+                }
+            }
+            Action::FetchSnapshot => {
+                let mut attempt = 0;
+                let (signed, meta, body) = loop {
+                    attempt += 1;
+                    let signed = client.snapshot_meta().await?;
+                    let meta = agent.check_snapshot_meta(&cp, &signed)?;
+                    match client
+                        .snapshot_body(
+                            &signed,
+                            meta.epoch,
+                            meta.version,
+                            &meta.body,
+                            &downloads,
+                            progress,
+                        )
+                        .await
+                    {
+                        Ok(body) => break (signed, meta, body),
+                        Err(NetError::Server { status: 410, .. }) if attempt < 3 => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                let applied = agent.apply_snapshot(&cp, &signed, &body);
+                DeviceClient::clear_downloads(&downloads);
+                applied?;
+                what = "snapshot";
+                plan.on(Event::SnapshotApplied {
+                    epoch: meta.epoch,
+                    version: meta.version,
+                })
+            }
+        };
+    }
+    let events_sent = upload_events(agent, client).await?;
+    let st = agent.state()?;
+    Ok(SyncResponse {
+        action: what.into(),
+        epoch: st.data.map(|d| d.0),
+        version: st.data.map(|d| d.1),
+        data_as_of: st.data_as_of,
+        events_sent,
+    })
+}
+
+/// Sends pending events in batches; removes the ones the server stored (or rejected for
+/// good). Returns how many were stored.
+pub async fn upload_events(agent: &Agent, client: &DeviceClient) -> Result<u64, AgentError> {
+    let mut sent = 0u64;
+    loop {
+        let pending = lock(&agent.outbox).pending(&agent.keys, 200)?;
+        if pending.is_empty() {
+            return Ok(sent);
+        }
+        let batch = EventBatch {
+            events: pending.iter().map(|(_, e)| e.clone()).collect(),
+        };
+        let ack = client.upload_events(&batch).await?;
+        let done: Vec<i64> = pending
+            .iter()
+            .filter(|(_, e)| {
+                ack.stored.contains(&e.event_id)
+                    || ack.rejected.iter().any(|r| r.event_id == e.event_id)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        for r in &ack.rejected {
+            tracing::warn!(event = %r.event_id, code = %r.code, "server rejected an event for good: {}", r.message);
+        }
+        if done.is_empty() {
+            return Ok(sent);
+        }
+        sent += ack.stored.len() as u64;
+        lock(&agent.outbox).remove(&done)?;
+    }
+}
