@@ -66,7 +66,9 @@ pub(crate) async fn enrol<S: Store>(
     let valid_for = Duration::days(i64::from(app.config.device_cert_days));
     let cert = app
         .pki
-        .issue_device_certificate(&request.csr_pem, device, valid_for, now)
+        // TLS checks certificate validity against the system clock, so it is issued
+        // against the system clock too (not the injected one).
+        .issue_device_certificate(&request.csr_pem, device, valid_for, chrono::Utc::now())
         .map_err(|e| {
             if e.is_client_error() {
                 ApiError::bad_request(codes::BAD_CSR, e.to_string())

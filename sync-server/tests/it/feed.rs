@@ -1,0 +1,426 @@
+//! The signed feed as a tablet sees it: enrolment, checkpoint, snapshot (with Range resume),
+//! deltas (204 at head, 410 past retention → snapshot), epochs, and ops endpoints.
+
+use chrono::Duration;
+use cpis_protocol::api::{ErrorBody, codes, paths};
+use cpis_protocol::{
+    Change, Checkpoint, DeltaBody, DeltaMeta, Position, PublicKey, SignedMessage, SnapshotBody,
+    SnapshotMeta,
+};
+use cpis_sync_server::store::{LogRetention, Store};
+
+use crate::harness::*;
+
+async fn checkpoint(env: &Env, d: &Device) -> Checkpoint {
+    let r = d
+        .client
+        .get(env.url(paths::CHECKPOINT))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], paths::OCTET);
+    let bytes = r.bytes().await.unwrap();
+    SignedMessage::from_bytes(&bytes)
+        .unwrap()
+        .open::<Checkpoint>(d.enrolment.signing_public_key.verifying_key())
+        .unwrap()
+}
+
+async fn snapshot(env: &Env, d: &Device) -> (SnapshotMeta, SnapshotBody) {
+    let key = d.enrolment.signing_public_key;
+    let bytes = d
+        .client
+        .get(env.url(paths::SNAPSHOT))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let meta: SnapshotMeta = SignedMessage::from_bytes(&bytes)
+        .unwrap()
+        .open(key.verifying_key())
+        .unwrap();
+    let r = d
+        .client
+        .get(env.url(&format!(
+            "{}/{}/{}",
+            paths::SNAPSHOT_BODY_PREFIX,
+            meta.epoch,
+            meta.version
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let header: SnapshotMeta =
+        SignedMessage::from_header(r.headers()[paths::SIGNED_HEADER].to_str().unwrap())
+            .unwrap()
+            .open(key.verifying_key())
+            .unwrap();
+    assert_eq!(header, meta);
+    let body = r.bytes().await.unwrap();
+    let opened: SnapshotBody = meta.body.open(&body).unwrap();
+    (meta, opened)
+}
+
+async fn delta(env: &Env, d: &Device, from: u64) -> reqwest::Response {
+    d.client
+        .get(env.url(&format!("{}?from={from}", paths::DELTA)))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn open_delta(d: &Device, r: reqwest::Response) -> (DeltaMeta, DeltaBody) {
+    assert_eq!(r.status(), 200);
+    let key = d.enrolment.signing_public_key;
+    let meta: DeltaMeta =
+        SignedMessage::from_header(r.headers()[paths::SIGNED_HEADER].to_str().unwrap())
+            .unwrap()
+            .open(key.verifying_key())
+            .unwrap();
+    let body = r.bytes().await.unwrap();
+    let opened: DeltaBody = meta.body.open(&body).unwrap();
+    (meta, opened)
+}
+
+#[tokio::test]
+async fn everything_served_verifies_with_the_protocol_crate() {
+    let env = Env::start().await;
+    env.seed().await;
+    let leics = env.council_token(LEICS).await;
+    env.upload(
+        &leics,
+        LEICS,
+        &csv(&[(1, "CPP", "2024-01-01", ""), (2, "LAC", "2024-03-01", "")]),
+    )
+    .await;
+    let d = env.enrol(EM).await;
+    assert_eq!(d.enrolment.region.as_str(), EM);
+    assert_eq!(d.enrolment.trust.as_str(), "RX9");
+    let pinned: PublicKey = d.enrolment.signing_public_key;
+    assert_eq!(d.enrolment.policy, cpis_protocol::Policy::default());
+
+    let mut pos = Position::empty(EM.parse().unwrap());
+    let cp = checkpoint(&env, &d).await;
+    cp.check(&pos, env.clock_now()).unwrap();
+    assert_eq!(cp.head_version, 2);
+    assert_eq!(cp.server_time, env.clock_now());
+    assert_eq!(cp.expires_at, env.clock_now() + Duration::days(1));
+
+    let (meta, body) = snapshot(&env, &d).await;
+    meta.check(&pos, &cp).unwrap();
+    assert_eq!((meta.version, meta.flag_count), (2, 2));
+    assert_eq!(body.flags.len(), 2);
+    assert_eq!(
+        body.councils.len(),
+        2,
+        "both EM councils are in the directory"
+    );
+    assert_eq!(body.councils[0].emergency_phone, "0116 000 0000");
+    pos.data = Some((meta.epoch, meta.version));
+    pos.server_time = Some(cp.server_time);
+
+    // At head: 204. Ahead of head: 400.
+    assert_eq!(delta(&env, &d, 2).await.status(), 204);
+    assert_eq!(delta(&env, &d, 99).await.status(), 400);
+
+    // A change: the delta verifies against the new checkpoint and carries it.
+    env.clock.advance(Duration::minutes(10));
+    env.upload(
+        &leics,
+        LEICS,
+        &csv(&[
+            (1, "CPP", "2024-01-01", "2025-05-30"),
+            (3, "UCPP", "2025-02-01", ""),
+        ]),
+    )
+    .await;
+    // Another region's change moves the global head, not EM's.
+    let lancs = env.council_token(LANCS).await;
+    env.upload(&lancs, LANCS, &csv(&[(7, "CPP", "2024-01-01", "")]))
+        .await;
+    let cp2 = checkpoint(&env, &d).await;
+    cp2.check(&pos, env.clock_now()).unwrap();
+    assert_eq!(cp2.head_version, 5);
+    let (dmeta, dbody) = open_delta(&d, delta(&env, &d, 2).await).await;
+    dmeta.check(&pos, &cp2).unwrap();
+    assert_eq!((dmeta.from_version, dmeta.to_version), (2, 5));
+    let kinds: Vec<(u64, bool)> = dbody
+        .changes
+        .iter()
+        .map(|c| (c.version, matches!(c.change, Change::Remove(_))))
+        .collect();
+    assert_eq!(kinds, vec![(3, false), (4, true), (5, false)]);
+    assert_eq!(dmeta.change_count, 3);
+    let _ = pinned;
+
+    // healthz and metrics.
+    let h = env.client().get(env.url("/healthz")).send().await.unwrap();
+    assert_eq!(h.status(), 200);
+    let m = env
+        .client()
+        .get(env.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("cpis_council_uploads_total{result=\"accepted\"} 3"),
+        "{m}"
+    );
+    assert!(m.contains("cpis_head_version 6"), "{m}");
+    assert!(m.contains("route=\"/v1/device/checkpoint\""), "{m}");
+    let nf = env.client().get(env.url("/nope")).send().await.unwrap();
+    assert_eq!(nf.status(), 404);
+    assert_eq!(
+        nf.json::<ErrorBody>().await.unwrap().error.code,
+        codes::NOT_FOUND
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn snapshot_download_resumes_with_range() {
+    let env = Env::start().await;
+    env.seed().await;
+    let leics = env.council_token(LEICS).await;
+    let rows: Vec<(u32, &str, &str, &str)> =
+        (0..2000).map(|i| (i, "CPP", "2024-01-01", "")).collect();
+    env.upload(&leics, LEICS, &csv(&rows)).await;
+    let d = env.enrol(EM).await;
+    let key = d.enrolment.signing_public_key;
+    let bytes = d
+        .client
+        .get(env.url(paths::SNAPSHOT))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let meta: SnapshotMeta = SignedMessage::from_bytes(&bytes)
+        .unwrap()
+        .open(key.verifying_key())
+        .unwrap();
+    let url = env.url(&format!(
+        "{}/{}/{}",
+        paths::SNAPSHOT_BODY_PREFIX,
+        meta.epoch,
+        meta.version
+    ));
+    let len = meta.body.len;
+    let cut = len / 3;
+
+    let first = d
+        .client
+        .get(&url)
+        .header("range", format!("bytes=0-{}", cut - 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 206);
+    assert_eq!(
+        first.headers()["content-range"],
+        format!("bytes 0-{}/{len}", cut - 1).as_str()
+    );
+    let mut body = first.bytes().await.unwrap().to_vec();
+    assert_eq!(body.len() as u64, cut);
+    meta.body.check_received(body.len() as u64).unwrap();
+
+    let rest = d
+        .client
+        .get(&url)
+        .header("range", format!("bytes={cut}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), 206);
+    body.extend_from_slice(&rest.bytes().await.unwrap());
+    let opened: SnapshotBody = meta.body.open(&body).unwrap();
+    assert_eq!(opened.flags.len(), 2000);
+
+    let bad = d
+        .client
+        .get(&url)
+        .header("range", format!("bytes={len}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 416);
+
+    // A version no longer current and not cached: 410 snapshot_gone.
+    let gone = d
+        .client
+        .get(env.url(&format!(
+            "{}/{}/{}",
+            paths::SNAPSHOT_BODY_PREFIX,
+            meta.epoch,
+            1
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 410);
+    assert_eq!(
+        gone.json::<ErrorBody>().await.unwrap().error.code,
+        codes::SNAPSHOT_GONE
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_delta_past_retention_is_410_and_a_snapshot_recovers() {
+    let env = Env::start().await;
+    env.seed().await;
+    let leics = env.council_token(LEICS).await;
+    env.upload(&leics, LEICS, &csv(&[(1, "CPP", "2024-01-01", "")]))
+        .await;
+    let d = env.enrol(EM).await;
+    let (old, _) = snapshot(&env, &d).await;
+    assert_eq!(old.version, 1);
+    env.upload(
+        &leics,
+        LEICS,
+        &csv(&[(1, "CPP", "2024-01-01", ""), (2, "LAC", "2025-06-01", "")]),
+    )
+    .await;
+
+    env.clock.advance(Duration::days(40));
+    let all = csv(&[
+        (1, "CPP", "2024-01-01", ""),
+        (2, "LAC", "2025-06-01", ""),
+        (3, "LAC", "2025-07-01", ""),
+    ]);
+    env.upload(&leics, LEICS, &all).await;
+    // Change-log retention of 30 days drops version 1's entry.
+    let now = env.clock_now();
+    let pruned = env
+        .store()
+        .prune_change_log(LogRetention {
+            keep_since: now - Duration::days(30),
+            max_versions: 1_000_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2, "versions 1 and 2 are older than 30 days");
+
+    let r = delta(&env, &d, old.version).await;
+    assert_eq!(r.status(), 410);
+    assert_eq!(
+        r.json::<ErrorBody>().await.unwrap().error.code,
+        codes::DELTA_GONE
+    );
+
+    let cp = checkpoint(&env, &d).await;
+    let pos = Position {
+        region: EM.parse().unwrap(),
+        data: Some((old.epoch, old.version)),
+        server_time: Some(old.server_time),
+    };
+    cp.check(&pos, env.clock_now()).unwrap();
+    let (meta, body) = snapshot(&env, &d).await;
+    meta.check(&pos, &cp).unwrap();
+    assert_eq!(meta.version, 3);
+    assert_eq!(body.flags.len(), 3);
+    assert_eq!(delta(&env, &d, 3).await.status(), 204);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn neighbour_councils_change_the_epoch_and_join_the_snapshot() {
+    let env = Env::start().await;
+    env.seed().await;
+    let lancs = env.council_token(LANCS).await;
+    env.upload(&lancs, LANCS, &csv(&[(5, "LAC", "2024-01-01", "")]))
+        .await;
+    let d = env.enrol(EM).await;
+    let cp = checkpoint(&env, &d).await;
+    let (before, body) = snapshot(&env, &d).await;
+    assert!(body.flags.is_empty());
+
+    let region = env
+        .store()
+        .set_region_neighbours(EM.parse().unwrap(), vec![council(LANCS)])
+        .await
+        .unwrap();
+    assert_eq!(region.epoch, cp.epoch + 1);
+    let cp2 = checkpoint(&env, &d).await;
+    assert_eq!(cp2.epoch, cp.epoch + 1);
+    // A delta asked for in the old epoch is gone: the tablet takes a snapshot.
+    let r = d
+        .client
+        .get(env.url(&format!(
+            "{}?from={}&epoch={}",
+            paths::DELTA,
+            before.version,
+            before.epoch
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    let (after, body) = snapshot(&env, &d).await;
+    assert_eq!(after.epoch, cp2.epoch);
+    assert_eq!(body.flags.len(), 1);
+    assert_eq!(body.flags[0].council.as_str(), LANCS);
+    assert!(body.councils.iter().any(|c| c.code.as_str() == LANCS));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn enrolment_refuses_bad_tokens_and_csrs() {
+    let env = Env::start().await;
+    env.seed().await;
+    let (r, _) = env.enrol_with("cpis_et_unknown").await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<ErrorBody>().await.unwrap().error.code,
+        codes::TOKEN_UNKNOWN
+    );
+
+    let token = env.enrolment_token(EM, 1).await;
+    let (r, _) = env.enrol_with(&token).await;
+    assert_eq!(r.status(), 200);
+    let (r, _) = env.enrol_with(&token).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<ErrorBody>().await.unwrap().error.code,
+        codes::TOKEN_USED_UP
+    );
+
+    let token = env.enrolment_token(EM, 5).await;
+    let bad_csr = env
+        .client()
+        .post(env.url(paths::ENROL))
+        .json(&cpis_protocol::api::EnrolRequest {
+            token: token.clone(),
+            csr_pem:
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                    .into(),
+            name: None,
+            agent_version: "test".into(),
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_csr.status(), 400);
+    assert_eq!(
+        bad_csr.json::<ErrorBody>().await.unwrap().error.code,
+        codes::BAD_CSR
+    );
+
+    env.clock.advance(Duration::hours(25));
+    let (r, _) = env.enrol_with(&token).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<ErrorBody>().await.unwrap().error.code,
+        codes::TOKEN_EXPIRED
+    );
+    assert_eq!(env.store().devices().await.unwrap().len(), 1);
+    env.stop().await;
+}

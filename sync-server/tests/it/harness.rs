@@ -1,0 +1,263 @@
+//! Shared setup: a data dir, a running server with a manual clock, clients, enrolment.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use cpis_protocol::api::{EnrolRequest, EnrolResponse};
+use cpis_protocol::{CouncilCode, CouncilInfo, NhsNumber, RegionId, TrustCode};
+use cpis_sync_server::clock::ManualClock;
+use cpis_sync_server::config::Config;
+use cpis_sync_server::server::{self, Server, ServerHandle};
+use cpis_sync_server::store::{NewEnrolmentToken, Store};
+use cpis_sync_server::tokens;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tempfile::TempDir;
+
+pub const EM: &str = "EM";
+pub const NW: &str = "NW";
+/// Councils: two in EM, one in NW.
+pub const LEICS: &str = "E10000018";
+pub const NOTTS: &str = "E10000024";
+pub const LANCS: &str = "E10000017";
+pub const HEADER: &str = "nhs_number,plan_type,start_date,end_date,date_of_birth,local_id\n";
+
+pub fn t0() -> DateTime<Utc> {
+    "2025-06-01T12:00:00Z".parse().unwrap()
+}
+
+pub fn date(s: &str) -> NaiveDate {
+    s.parse().unwrap()
+}
+
+/// The n-th valid 999-prefixed NHS number.
+pub fn nhs(n: u32) -> NhsNumber {
+    let mut k = 0;
+    let mut i = 0u32;
+    loop {
+        let d = format!("{:06}", i);
+        let mut nine = [9u8, 9, 9, 0, 0, 0, 0, 0, 0];
+        for (j, c) in d.bytes().enumerate() {
+            nine[3 + j] = c - b'0';
+        }
+        if let Some(num) = NhsNumber::complete(nine) {
+            if k == n {
+                return num;
+            }
+            k += 1;
+        }
+        i += 1;
+    }
+}
+
+/// A CSV upload body from (nhs index, plan, start, end).
+pub fn csv(rows: &[(u32, &str, &str, &str)]) -> String {
+    let mut s = HEADER.to_owned();
+    for (n, plan, start, end) in rows {
+        s.push_str(&format!("{},{plan},{start},{end},,\n", nhs(*n)));
+    }
+    s
+}
+
+pub struct Env {
+    pub dir: TempDir,
+    pub handle: Option<ServerHandle>,
+    pub clock: ManualClock,
+    pub ca: String,
+    pub base: String,
+}
+
+pub struct Device {
+    pub client: reqwest::Client,
+    pub enrolment: EnrolResponse,
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Env {
+        let dir = TempDir::new().unwrap();
+        server::init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        Self::serve(dir, tweak).await
+    }
+
+    /// Serves an initialised data dir.
+    pub async fn serve(dir: TempDir, tweak: impl FnOnce(&mut Config)) -> Env {
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let clock = ManualClock::new(t0());
+        let handle = Server::bind(dir.path(), config, Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        let ca =
+            std::fs::read_to_string(cpis_sync_server::pki::Pki::ca_cert_path(dir.path())).unwrap();
+        let base = format!("https://localhost:{}", handle.local_addr().port());
+        Env {
+            dir,
+            handle: Some(handle),
+            clock,
+            ca,
+            base,
+        }
+    }
+
+    pub fn store(&self) -> &cpis_sync_server::store::SqliteStore {
+        self.handle.as_ref().unwrap().store()
+    }
+
+    /// Adds trust RX9, regions EM and NW, councils LEICS and NOTTS (EM) and LANCS (NW).
+    pub async fn seed(&self) {
+        let s = self.store();
+        s.add_trust("RX9".parse().unwrap(), "East Midlands Ambulance".into())
+            .await
+            .unwrap();
+        s.add_region(EM.parse().unwrap(), "East Midlands".into(), vec![])
+            .await
+            .unwrap();
+        s.add_region(NW.parse().unwrap(), "North West".into(), vec![])
+            .await
+            .unwrap();
+        for (code, region) in [(LEICS, EM), (NOTTS, EM), (LANCS, NW)] {
+            s.add_council(CouncilInfo {
+                code: code.parse().unwrap(),
+                name: format!("Council {code}"),
+                region: region.parse().unwrap(),
+                emergency_phone: "0116 000 0000".into(),
+                office_phone: Some("0116 111 1111".into()),
+            })
+            .await
+            .unwrap();
+        }
+    }
+
+    pub async fn council_token(&self, ods: &str) -> String {
+        let (token, hash) = tokens::new_secret(tokens::COUNCIL_PREFIX);
+        self.store()
+            .add_council_token(ods.parse().unwrap(), hash, t0())
+            .await
+            .unwrap();
+        token
+    }
+
+    pub async fn enrolment_token(&self, region: &str, uses: u32) -> String {
+        let (token, hash) = tokens::new_secret(tokens::ENROLMENT_PREFIX);
+        self.store()
+            .add_enrolment_token(
+                NewEnrolmentToken {
+                    hash,
+                    trust: "RX9".parse::<TrustCode>().unwrap(),
+                    region: region.parse::<RegionId>().unwrap(),
+                    uses,
+                    expires_at: self.clock_now() + chrono::Duration::hours(24),
+                },
+                self.clock_now(),
+            )
+            .await
+            .unwrap();
+        token
+    }
+
+    pub fn clock_now(&self) -> DateTime<Utc> {
+        use cpis_sync_server::clock::Clock as _;
+        self.clock.now()
+    }
+
+    /// A client that trusts the CA and presents no certificate.
+    pub fn client(&self) -> reqwest::Client {
+        client(&self.ca, None)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn upload(&self, token: &str, ods: &str, body: &str) -> reqwest::Response {
+        self.client()
+            .post(self.url(&format!("/v1/councils/{ods}/uploads")))
+            .bearer_auth(token)
+            .header("content-type", "text/csv")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Enrols a device with a fresh key; returns a client presenting its certificate.
+    pub async fn enrol(&self, region: &str) -> Device {
+        let token = self.enrolment_token(region, 1).await;
+        let (response, key_pem) = self.enrol_with(&token).await;
+        assert_eq!(response.status(), 200);
+        let enrolment: EnrolResponse = response.json().await.unwrap();
+        let client = client(&self.ca, Some((&enrolment.client_cert_pem, &key_pem)));
+        Device { client, enrolment }
+    }
+
+    pub async fn enrol_with(&self, token: &str) -> (reqwest::Response, String) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let response = self
+            .client()
+            .post(self.url(cpis_protocol::api::paths::ENROL))
+            .json(&EnrolRequest {
+                token: token.to_owned(),
+                csr_pem: csr,
+                name: Some("tablet 1".into()),
+                agent_version: "test".into(),
+            })
+            .send()
+            .await
+            .unwrap();
+        (response, key.serialize_pem())
+    }
+
+    pub async fn stop(mut self) -> TempDir {
+        let handle = self.handle.take().unwrap();
+        handle.shutdown();
+        handle.join().await.unwrap();
+        self.dir
+    }
+}
+
+pub fn council(code: &str) -> CouncilCode {
+    code.parse().unwrap()
+}
+
+/// A reqwest client (ring provider) trusting only `ca_pem`, optionally with a client cert.
+pub fn client(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Client {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .https_only(true)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
