@@ -126,6 +126,7 @@ impl Agent {
     /// Answers a lookup and records its access event durably before returning.
     pub fn lookup(&self, input: LookupInput<'_>) -> Result<LookupResponse, AgentError> {
         let nhs: NhsNumber = input.nhs_number.parse()?;
+        self.shred_if_too_old()?;
         let key = self.keys.subject_key(nhs);
         let now = self.clock.now();
         let boot = self.clock.boot();
@@ -277,6 +278,15 @@ impl Agent {
             client_cert_expires_at: self.enrolment.client_cert_expires_at,
             warnings,
         })
+    }
+
+    /// Unsent access events, oldest first (sealed in the outbox until the server stores them).
+    pub fn pending_events(&self, limit: usize) -> Result<Vec<AccessEvent>, AgentError> {
+        Ok(lock(&self.outbox)
+            .pending(&self.keys, limit)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
     }
 
     /// Deletes the flags when the data is older than the wipe age. Returns whether it did.
