@@ -252,7 +252,7 @@ fn delta_applies_changes() {
                 change: Change::Upsert(ended.clone()),
             },
             VersionedChange {
-                version: 12 - 0,
+                version: 12,
                 change: Change::Upsert(added.clone()),
             },
         ],

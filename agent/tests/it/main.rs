@@ -1,5 +1,7 @@
 //! Integration tests of the tablet agent: one binary, one module per area.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod apply;
 mod common;
 mod freshness;
