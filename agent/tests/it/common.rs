@@ -202,10 +202,10 @@ pub(crate) fn unflagged_number(flags: &[FlagRecord]) -> cpis_protocol::NhsNumber
         let s = format!("999{n:06}");
         let digits: Vec<u8> = s.bytes().map(|b| b - b'0').collect();
         let nine: [u8; 9] = digits.try_into().unwrap();
-        if let Some(nhs) = cpis_protocol::NhsNumber::complete(nine) {
-            if !flags.iter().any(|f| f.nhs_number == nhs) {
-                return nhs;
-            }
+        if let Some(nhs) = cpis_protocol::NhsNumber::complete(nine)
+            && !flags.iter().any(|f| f.nhs_number == nhs)
+        {
+            return nhs;
         }
     }
     unreachable!()

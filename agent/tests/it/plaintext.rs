@@ -78,10 +78,10 @@ fn nothing_readable_in_the_state_dir() {
                 d.format("%Y%m%d").to_string().into_bytes(),
             ));
         }
-        if let Some(l) = &f.local_id {
-            if l.len() >= 5 {
-                needles.push((format!("local id {l}"), l.clone().into_bytes()));
-            }
+        if let Some(l) = &f.local_id
+            && l.len() >= 5
+        {
+            needles.push((format!("local id {l}"), l.clone().into_bytes()));
         }
     }
     for c in &data.councils {
