@@ -150,7 +150,15 @@ async fn run(
             }
         };
     }
-    let events_sent = upload_events(agent, client).await?;
+    // The feed is in; events failing to go is not a failed sync of the data (they stay in
+    // the outbox, and `status` and lookups warn about a backlog).
+    let events_sent = match upload_events(agent, client).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("access events not sent this time: {e}");
+            0
+        }
+    };
     let st = agent.state()?;
     Ok(SyncResponse {
         action: what.into(),

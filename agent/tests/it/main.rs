@@ -4,6 +4,9 @@
 
 mod apply;
 mod common;
+mod crash;
 mod freshness;
 mod lookup;
+mod net;
 mod plaintext;
+mod server;
