@@ -1,1 +1,278 @@
-fn main() {}
+//! Lookup and install benchmark (harness = false): prints p50/p99 figures and ratios measured
+//! in the same run.
+//!
+//! * encrypted store lookup (keyed hash → point query → unseal → decode), the agent's read
+//!   path, against a plaintext SQLite table holding the same rows (the floor);
+//! * full verified install of a 200k-flag snapshot (signature, digest, decompress, decode,
+//!   seal, one transaction);
+//! * audited lookup: `Agent::lookup` including the access event committed with fsync.
+//!
+//! Run: `cargo bench -p cpis-agent --bench lookup` (`CPIS_BENCH_FLAGS` changes the size).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use cpis_agent::agent::{Enrolment, TlsMaterial};
+use cpis_agent::keystore::MasterKey;
+use cpis_agent::store::{DataState, FlagDb};
+use cpis_agent::{Agent, Clock, LookupInput, ManualClock};
+use cpis_protocol::{
+    Checkpoint, FlagRecord, NhsNumber, Policy, PublicKey, SignedMessage, SigningKey, SnapshotBody,
+    SnapshotMeta, encode_body,
+};
+use rand::SeedableRng as _;
+use rand::seq::SliceRandom as _;
+
+fn pct(mut v: Vec<Duration>, p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let n: usize = std::env::var("CPIS_BENCH_FLAGS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200_000);
+    let seed = 2026;
+    let day = NaiveDate::from_ymd_opt(2026, 11, 1).unwrap();
+    let config = cpis_fixtures::Config::new(seed, day);
+    let dir0 = cpis_fixtures::Directory::generate(&config).unwrap();
+    let region = dir0.regions[0].id.clone();
+    let ds = cpis_fixtures::Dataset::generate_region(&config, &region, n).unwrap();
+    let flags: Vec<FlagRecord> = ds.flags().cloned().collect();
+    let councils: Vec<_> = ds.directory.councils.iter().map(|c| c.info()).collect();
+    println!(
+        "benchmark: {} flags, {} councils, seed {seed}",
+        flags.len(),
+        councils.len()
+    );
+
+    let now: DateTime<Utc> = "2026-11-01T12:00:00Z".parse().unwrap();
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let body = SnapshotBody {
+        councils: councils.clone(),
+        flags: flags.clone(),
+    };
+    let (bytes, info) = encode_body(&body, 3).unwrap();
+    let meta = SnapshotMeta {
+        region: region.clone(),
+        epoch: 1,
+        version: 100,
+        server_time: now,
+        flag_count: flags.len() as u64,
+        body: info,
+    };
+    let signed = SignedMessage::sign(&key, &meta);
+    let cp = SignedMessage::sign(
+        &key,
+        &Checkpoint {
+            region: region.clone(),
+            epoch: 1,
+            head_version: 100,
+            server_time: now,
+            expires_at: now + chrono::Duration::days(1),
+            policy: Policy::default(),
+        },
+    );
+
+    // Full install through the agent.
+    let tmp = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(now));
+    let enrolment = Enrolment {
+        device_id: cpis_protocol::DeviceId::new(),
+        trust: "ZA1".parse().unwrap(),
+        region: region.clone(),
+        server: "https://127.0.0.1:1".into(),
+        signing_key: PublicKey::from(&key),
+        policy: Policy::default(),
+        client_cert_expires_at: now,
+        name: None,
+    };
+    let tls = TlsMaterial {
+        ca_pem: String::new(),
+        cert_pem: String::new(),
+        key_pem: String::new(),
+    };
+    let agent = Agent::create(&tmp.path().join("agent"), &enrolment, &tls, clock).unwrap();
+    let vcp = agent.accept_checkpoint(&cp).unwrap();
+    let t = Instant::now();
+    agent.apply_snapshot(&vcp, &signed, &bytes).unwrap();
+    let install = t.elapsed();
+    println!(
+        "install: {} flags ({} KiB compressed) verified and installed in {:.0} ms",
+        flags.len(),
+        bytes.len() / 1024,
+        install.as_secs_f64() * 1e3
+    );
+
+    // Probe set: hits and misses, seeded.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut subjects: Vec<NhsNumber> = flags.iter().map(|f| f.nhs_number).collect();
+    subjects.dedup();
+    let mut probes: Vec<NhsNumber> = subjects
+        .choose_multiple(&mut rng, 20_000)
+        .copied()
+        .collect();
+    let mut i = 0u32;
+    while probes.len() < 25_000 {
+        i += 1;
+        let d = format!("{:06}", 900_000 + i);
+        let mut nine = [9u8, 9, 9, 0, 0, 0, 0, 0, 0];
+        for (j, c) in d.bytes().enumerate() {
+            nine[3 + j] = c - b'0';
+        }
+        if let Some(x) = NhsNumber::complete(nine) {
+            probes.push(x);
+        }
+    }
+    probes.shuffle(&mut rng);
+
+    // The encrypted store read path, on its own (no event): same file layout as the agent.
+    let keys = MasterKey::generate().derive();
+    let mut enc = FlagDb::open(&tmp.path().join("enc.db")).unwrap();
+    let mut by: BTreeMap<NhsNumber, Vec<FlagRecord>> = BTreeMap::new();
+    for f in &flags {
+        by.entry(f.nhs_number).or_default().push(f.clone());
+    }
+    let mut rows: Vec<([u8; 32], Vec<FlagRecord>)> = by
+        .iter()
+        .map(|(n, fs)| (keys.subject_key(*n), fs.clone()))
+        .collect();
+    rows.sort_unstable_by_key(|r| r.0);
+    enc.replace_all(
+        &keys,
+        100,
+        rows.iter().map(|(k, fs)| (*k, fs.as_slice())),
+        &DataState::empty(region.clone(), Policy::default()),
+    )
+    .unwrap();
+
+    // The plaintext floor: one row per flag, indexed by NHS number.
+    let plain = rusqlite::Connection::open(tmp.path().join("plain.db")).unwrap();
+    plain
+        .execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+             CREATE TABLE flags (nhs INTEGER NOT NULL, council TEXT NOT NULL, plan TEXT NOT NULL,
+               start_date TEXT NOT NULL, end_date TEXT, dob TEXT, local_id TEXT);",
+        )
+        .unwrap();
+    {
+        let tx = plain.unchecked_transaction().unwrap();
+        let mut ins = tx
+            .prepare("INSERT INTO flags VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+            .unwrap();
+        for f in &flags {
+            ins.execute(rusqlite::params![
+                f.nhs_number.as_u64() as i64,
+                f.council.as_str(),
+                f.plan_type.as_str(),
+                f.start_date.to_string(),
+                f.end_date.map(|d| d.to_string()),
+                f.date_of_birth.map(|d| d.to_string()),
+                f.local_id,
+            ])
+            .unwrap();
+        }
+        drop(ins);
+        tx.execute_batch("CREATE INDEX flags_nhs ON flags (nhs);")
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let plain_lookup = |n: NhsNumber| -> Vec<FlagRecord> {
+        let mut st = plain
+            .prepare_cached(
+                "SELECT council, plan, start_date, end_date, dob, local_id FROM flags WHERE nhs = ?1",
+            )
+            .unwrap();
+        st.query_map([n.as_u64() as i64], |r| {
+            Ok(FlagRecord {
+                council: r.get::<_, String>(0)?.parse().unwrap(),
+                nhs_number: n,
+                plan_type: r.get::<_, String>(1)?.parse().unwrap(),
+                start_date: r.get::<_, String>(2)?.parse().unwrap(),
+                end_date: r.get::<_, Option<String>>(3)?.map(|s| s.parse().unwrap()),
+                date_of_birth: r.get::<_, Option<String>>(4)?.map(|s| s.parse().unwrap()),
+                local_id: r.get(5)?,
+            })
+        })
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+    };
+    let enc_lookup = |n: NhsNumber| -> Vec<FlagRecord> {
+        enc.subject(&keys, &keys.subject_key(n))
+            .unwrap()
+            .map(|r| r.1)
+            .unwrap_or_default()
+    };
+    // Same answers.
+    for p in probes.iter().take(2_000) {
+        let mut a = plain_lookup(*p);
+        let mut b = enc_lookup(*p);
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+    }
+    // Warm up both, then interleave rounds so neither gets a warmer cache.
+    let mut t_plain = Vec::with_capacity(probes.len());
+    let mut t_enc = Vec::with_capacity(probes.len());
+    for round in 0..2 {
+        for p in &probes {
+            let t = Instant::now();
+            std::hint::black_box(plain_lookup(*p));
+            let d1 = t.elapsed();
+            let t = Instant::now();
+            std::hint::black_box(enc_lookup(*p));
+            let d2 = t.elapsed();
+            if round == 1 {
+                t_plain.push(d1);
+                t_enc.push(d2);
+            }
+        }
+    }
+    let (p50p, p99p) = (pct(t_plain.clone(), 0.5), pct(t_plain, 0.99));
+    let (p50e, p99e) = (pct(t_enc.clone(), 0.5), pct(t_enc, 0.99));
+    println!(
+        "lookup, plaintext SQLite (floor):  p50 {:7.1} µs  p99 {:7.1} µs",
+        us(p50p),
+        us(p99p)
+    );
+    println!(
+        "lookup, encrypted store:           p50 {:7.1} µs  p99 {:7.1} µs   ratio p50 {:.2}x  p99 {:.2}x",
+        us(p50e),
+        us(p99e),
+        us(p50e) / us(p50p),
+        us(p99e) / us(p99p)
+    );
+
+    // Audited lookups through the agent (event committed with fsync before the answer).
+    let mut t_aud = Vec::new();
+    for p in probes.iter().take(2_000) {
+        let s = p.to_string();
+        let t = Instant::now();
+        std::hint::black_box(
+            agent
+                .lookup(LookupInput {
+                    nhs_number: &s,
+                    staff_id: Some("BENCH".into()),
+                    incident_ref: None,
+                })
+                .unwrap(),
+        );
+        t_aud.push(t.elapsed());
+    }
+    println!(
+        "audited lookup (fsync'd outbox):   p50 {:7.1} µs  p99 {:7.1} µs",
+        us(pct(t_aud.clone(), 0.5)),
+        us(pct(t_aud, 0.99))
+    );
+    println!("targets: encrypted ≤ 2x plaintext; install < 2000 ms; audited p99 < 5000 µs");
+}

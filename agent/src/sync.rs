@@ -176,6 +176,7 @@ pub async fn upload_events(agent: &Agent, client: &DeviceClient) -> Result<u64, 
     loop {
         let pending = lock(&agent.outbox).pending(&agent.keys, 200)?;
         if pending.is_empty() {
+            lock(&agent.outbox).checkpoint()?;
             return Ok(sent);
         }
         let batch = EventBatch {
