@@ -135,7 +135,7 @@ impl StateDir {
     pub fn ca(&self) -> PathBuf {
         self.keys_dir().join("ca.pem")
     }
-    /// Partial snapshot downloads (compressed, signed bodies: no plaintext).
+    /// Partial snapshot downloads, sealed chunk by chunk ([`crate::download`]).
     pub fn downloads(&self) -> PathBuf {
         self.root.join("downloads")
     }

@@ -84,6 +84,7 @@ impl MasterKey {
             snapshot: Sealer::new(&sub(b"snapshot-seal")),
             outbox: Sealer::new(&sub(b"outbox-seal")),
             meta: Sealer::new(&sub(b"meta-seal")),
+            download: Sealer::new(&sub(b"download-seal")),
         }
     }
 }
@@ -257,6 +258,8 @@ pub struct Keys {
     pub outbox: Sealer,
     /// Metadata: position, policy, council directory, enrolment.
     pub meta: Sealer,
+    /// Partial snapshot downloads ([`crate::download`]).
+    pub download: Sealer,
 }
 
 impl std::fmt::Debug for Keys {

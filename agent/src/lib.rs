@@ -5,11 +5,13 @@
 //! Code map: [`keystore`] (master key, subkeys, sealing), [`store`] (the only SQL),
 //! [`agent`] (state directory; verify and apply), [`lookup`] (answers and status),
 //! [`freshness`] (the age rule), [`plan`] (sync decisions without IO), [`net`] (TLS client),
-//! [`sync`] (the driver and enrolment), [`api`] (local HTTP API), [`clock`] (time sources).
+//! [`download`] (partial snapshot downloads, sealed), [`sync`] (the driver and enrolment),
+//! [`api`] (local HTTP API), [`clock`] (time sources).
 
 pub mod agent;
 pub mod api;
 pub mod clock;
+pub mod download;
 pub mod freshness;
 pub mod keystore;
 pub mod lookup;

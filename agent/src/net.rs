@@ -4,7 +4,6 @@
 //! One TLS crypto provider: ring, passed explicitly in a preconfigured rustls `ClientConfig`.
 //! Nothing received is trusted here: the caller verifies every signed message and body.
 
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +13,9 @@ use reqwest::StatusCode;
 
 use cpis_protocol::api::{EnrolRequest, EnrolResponse, ErrorBody, codes, paths};
 use cpis_protocol::{BodyInfo, EventBatch, EventUploadAck, SignedMessage, VerifyError};
+
+use crate::download::{DownloadError, SealedDownload};
+use crate::keystore::Sealer;
 
 /// Why a network exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +46,8 @@ pub enum NetError {
     Protocol(String),
     #[error("rejected: {0}")]
     Verify(#[from] VerifyError),
-    #[error("download file {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Download(#[from] DownloadError),
 }
 
 fn classify(url: &str, e: reqwest::Error) -> NetError {
@@ -235,6 +233,17 @@ fn signed_header(resp: &reqwest::Response) -> Result<SignedMessage, NetError> {
     Ok(SignedMessage::from_header(v)?)
 }
 
+/// The first byte of a `206` answer's `Content-Range: bytes START-END/LEN`.
+fn content_range_start(resp: &reqwest::Response) -> Option<u64> {
+    let v = resp
+        .headers()
+        .get(reqwest::header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?;
+    let (start, _) = v.trim().strip_prefix("bytes ")?.split_once('-')?;
+    start.trim().parse().ok()
+}
+
 impl DeviceClient {
     pub fn new(
         server: &str,
@@ -322,9 +331,14 @@ impl DeviceClient {
         Ok(DeltaFetch::Body { signed, body })
     }
 
-    /// Downloads a snapshot body into `part` (resuming a previous partial download of the
-    /// same signed metadata with HTTP Range), checking the running size against the signed
-    /// length. Returns the complete body. `progress(done, total)` is called as bytes arrive.
+    /// Downloads a snapshot body into a sealed partial download in `dir` (see
+    /// [`crate::download`]), resuming a previous partial download of the identical signed
+    /// metadata with HTTP Range from the body bytes its valid chunks hold, and checking the
+    /// running size against the signed length. What arrived before an interruption is kept
+    /// (sealed) for the next attempt. Returns the complete body, unverified: the caller checks
+    /// its digest. `progress(done, total)` is called as bytes arrive, first with the resume
+    /// offset.
+    #[allow(clippy::too_many_arguments)]
     pub async fn snapshot_body(
         &self,
         signed: &SignedMessage,
@@ -332,48 +346,21 @@ impl DeviceClient {
         version: u64,
         info: &BodyInfo,
         dir: &Path,
+        sealer: &Sealer,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<Vec<u8>, NetError> {
-        let io = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| NetError::Io {
-                path: path.clone(),
-                source,
-            }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let part = dir.join(format!("snapshot-{epoch}-{version}.part"));
-        let meta_path = dir.join(format!("snapshot-{epoch}-{version}.meta"));
-        let envelope = signed.to_bytes();
-        // Resume only a download of the identical signed metadata.
-        let mut have = 0u64;
-        if std::fs::read(&meta_path).ok().as_deref() == Some(envelope.as_slice()) {
-            have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-            if have > info.len {
-                have = 0;
-            }
-        } else {
-            // Stale partial downloads of other snapshots go.
-            if let Ok(entries) = std::fs::read_dir(dir) {
-                for e in entries.flatten() {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-            std::fs::write(&meta_path, &envelope).map_err(io(&meta_path))?;
+        let (mut dl, mut body) = SealedDownload::open(dir, sealer, &signed.to_bytes())?;
+        if dl.len() > info.len {
+            dl.restart()?;
+            body.clear();
         }
-        let url = format!(
-            "{}{}/{epoch}/{version}",
-            self.base,
-            paths::SNAPSHOT_BODY_PREFIX
-        );
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .write(true)
-            .truncate(false)
-            .open(&part)
-            .map_err(io(&part))?;
+        let mut have = dl.len();
         if have < info.len {
+            let url = format!(
+                "{}{}/{epoch}/{version}",
+                self.base,
+                paths::SNAPSHOT_BODY_PREFIX
+            );
             let mut req = self.http.get(&url);
             if have > 0 {
                 req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
@@ -381,7 +368,7 @@ impl DeviceClient {
             let resp = req.send().await.map_err(|e| classify(&url, e))?;
             let status = resp.status();
             if status == StatusCode::RANGE_NOT_SATISFIABLE {
-                let _ = std::fs::remove_file(&part);
+                dl.restart()?;
                 return Err(NetError::Protocol("range not satisfiable; retry".into()));
             }
             if !status.is_success() {
@@ -394,38 +381,50 @@ impl DeviceClient {
                 ));
             }
             if status == StatusCode::PARTIAL_CONTENT {
-                file.seek(SeekFrom::Start(have)).map_err(io(&part))?;
+                let start = content_range_start(&resp);
+                if start != Some(have) {
+                    dl.restart()?;
+                    return Err(NetError::Protocol(format!(
+                        "asked for the body from byte {have}, the server sent a range starting at {start:?}; retry"
+                    )));
+                }
             } else {
                 have = 0;
-                file.set_len(0).map_err(io(&part))?;
-                file.seek(SeekFrom::Start(0)).map_err(io(&part))?;
+                body.clear();
+                dl.restart()?;
             }
             progress(have, info.len);
             let mut stream = resp.bytes_stream();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| classify(&url, e))?;
+            let received = loop {
+                let Some(chunk) = stream.next().await else {
+                    break Ok(());
+                };
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => break Err(classify(&url, e)),
+                };
                 let total = have + chunk.len() as u64;
                 if let Err(e) = info.check_received(total) {
-                    drop(file);
-                    let _ = std::fs::remove_file(&part);
-                    let _ = std::fs::remove_file(&meta_path);
+                    drop(dl);
+                    SealedDownload::remove_all(dir);
                     return Err(e.into());
                 }
-                file.write_all(&chunk).map_err(io(&part))?;
+                dl.append(&chunk)?;
+                body.extend_from_slice(&chunk);
                 have = total;
                 progress(have, info.len);
-            }
-            file.sync_all().map_err(io(&part))?;
+            };
+            // Complete or interrupted, what arrived is sealed and durable: an interrupted
+            // transfer resumes from here next time.
+            dl.flush()?;
+            received?;
         }
-        let mut body = Vec::with_capacity(usize::try_from(info.len).unwrap_or(0));
-        file.seek(SeekFrom::Start(0)).map_err(io(&part))?;
-        file.read_to_end(&mut body).map_err(io(&part))?;
         Ok(body)
     }
 
-    /// Removes the partial download files once a snapshot is installed (or rejected).
+    /// Removes the partial download once a snapshot is installed (or rejected).
     pub fn clear_downloads(dir: &Path) {
-        let _ = std::fs::remove_dir_all(dir);
+        SealedDownload::remove_all(dir);
     }
 
     /// Uploads a batch of events; returns the server's acknowledgement.

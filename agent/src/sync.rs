@@ -130,6 +130,7 @@ async fn run(
                             meta.version,
                             &meta.body,
                             &downloads,
+                            &agent.keys.download,
                             progress,
                         )
                         .await

@@ -1,6 +1,8 @@
 //! A crash in the middle of a sync (the agent binary killed with SIGKILL at several points
 //! while it downloads and applies a large snapshot or delta from the real server) leaves the
-//! old or the new version, never a mix; a later sync completes (resuming the download).
+//! old or the new version, never a mix, and leaves no run of the snapshot body readable in
+//! `downloads/` (a torn final chunk included); a later sync completes (resuming the
+//! download).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -10,6 +12,7 @@ use chrono::{Duration, Utc};
 use cpis_agent::{Agent, LookupInput, SystemClock};
 use cpis_protocol::LookupResult;
 
+use crate::plaintext::{all_files, body_needles, find_any};
 use crate::server::*;
 
 const BIG: u32 = 40_000;
@@ -112,6 +115,12 @@ async fn killed_mid_sync_leaves_old_or_new() {
     env.upload(LEICS, &big).await;
     let probe = numbers[(BIG / 2) as usize];
 
+    let body_needles = {
+        let agent = Agent::open(&empty, Arc::new(SystemClock)).unwrap();
+        body_needles(&current_snapshot(&agent).await.1)
+    };
+    let mut partials = 0;
+
     let bin = env!("CARGO_BIN_EXE_cpis-agent");
     // Time a full sync from empty to know where to aim.
     let timing = work.path().join("timing");
@@ -151,6 +160,15 @@ async fn killed_mid_sync_leaves_old_or_new() {
             std::thread::sleep(full.mul_f64(*frac));
             let _ = child.kill();
             let _ = child.wait();
+            let mut files = Vec::new();
+            all_files(&dir, &mut files);
+            partials += files
+                .iter()
+                .filter(|(p, _)| p.contains("downloads"))
+                .count();
+            if let Some((what, path)) = find_any(&files, &body_needles) {
+                panic!("{what} found in plaintext in {path} after a kill");
+            }
             let v = check_consistent(&dir, old, new_version, probe);
             outcomes.push(v);
             // A later sync completes from wherever it was left.
@@ -166,5 +184,5 @@ async fn killed_mid_sync_leaves_old_or_new() {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
-    eprintln!("versions after kill: {outcomes:?}");
+    eprintln!("versions after kill: {outcomes:?}; partial downloads left: {partials}");
 }

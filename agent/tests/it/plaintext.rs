@@ -1,16 +1,23 @@
 //! No plaintext at rest: after installing fixture data, applying a delta and doing lookups,
-//! no file under the state directory (including WAL and SHM files) holds any NHS number (as
-//! ASCII digits or as a big- or little-endian u64), any flag date, or any council name,
-//! code or phone number.
+//! and after a snapshot download from the real server cut off half way (the partial body
+//! left in `downloads/`), no file under the state directory (including WAL and SHM files)
+//! holds any NHS number (as ASCII digits or as a big- or little-endian u64), any flag date,
+//! any council name, code or phone number — or, for the interrupted download, any run of the
+//! compressed body as it came over the wire.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use cpis_agent::LookupInput;
-use cpis_protocol::{Change, DeltaBody, VersionedChange};
+use chrono::{Duration, Utc};
+use cpis_agent::{AgentError, LookupInput, ManualClock};
+use cpis_protocol::{Change, DeltaBody, LookupResult, VersionedChange};
 
 use crate::common::*;
+use crate::proxy::Proxy;
+use crate::server::{Env, LEICS, NOTTS, current_snapshot, random_rows};
 
-fn all_files(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+pub(crate) fn all_files(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
         if p.is_dir() {
@@ -21,8 +28,39 @@ fn all_files(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
     }
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+/// The first needle found in any file, as (what, path). Needles are grouped by length and
+/// each file is slid over once per length, so thousands of needles stay fast.
+pub(crate) fn find_any(
+    files: &[(String, Vec<u8>)],
+    needles: &[(String, Vec<u8>)],
+) -> Option<(String, String)> {
+    let mut by_len: BTreeMap<usize, HashSet<&[u8]>> = BTreeMap::new();
+    for (_, n) in needles.iter().filter(|(_, n)| !n.is_empty()) {
+        by_len.entry(n.len()).or_default().insert(n);
+    }
+    for (path, bytes) in files {
+        for (len, set) in &by_len {
+            if let Some(w) = bytes.windows(*len).find(|w| set.contains(w)) {
+                let what = needles.iter().find(|(_, n)| n == w).unwrap().0.clone();
+                return Some((what, path.clone()));
+            }
+        }
+    }
+    None
+}
+
+/// Needles for a run of `body[..len]` anywhere: every 24-byte window at a multiple of 256
+/// (any copied run of at least 280 bytes contains one).
+pub(crate) fn body_needles(body: &[u8]) -> Vec<(String, Vec<u8>)> {
+    (0..body.len().saturating_sub(24))
+        .step_by(256)
+        .map(|at| {
+            (
+                format!("compressed body bytes {at}..{}", at + 24),
+                body[at..at + 24].to_vec(),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -99,12 +137,95 @@ fn nothing_readable_in_the_state_dir() {
     needles.push(("incident".into(), b"INCIDENT-77".to_vec()));
     needles.sort();
     needles.dedup();
-    for (path, bytes) in &files {
-        for (what, needle) in &needles {
-            assert!(
-                !contains(bytes, needle),
-                "{what} found in plaintext in {path}"
-            );
+    if let Some((what, path)) = find_any(&files, &needles) {
+        panic!("{what} found in plaintext in {path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_download_leaves_nothing_readable() {
+    let now = Utc::now();
+    let env = Env::start(now).await;
+    let rows = random_rows(5, 6_000, now.date_naive());
+    let (leics, notts) = rows.split_at(rows.len() / 2);
+    for (ods, part) in [(LEICS, leics), (NOTTS, notts)] {
+        let refs: Vec<_> = part
+            .iter()
+            .map(|(n, p, s, e)| (*n, *p, s.as_str(), e.as_str()))
+            .collect();
+        env.upload(ods, &refs).await;
+    }
+
+    let proxy = Proxy::start(env.handle.local_addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = env.enrolment_token(1, Duration::hours(1)).await;
+    let agent = cpis_agent::sync::enrol(
+        dir.path(),
+        &proxy.base,
+        &env.ca,
+        &token,
+        None,
+        Arc::new(ManualClock::new(now)),
+    )
+    .await
+    .unwrap();
+    let (meta, body) = current_snapshot(&agent).await;
+
+    // The network drops half way through the body.
+    proxy.cut_after(meta.body.len / 2);
+    let got = Mutex::new(0u64);
+    let r = cpis_agent::sync::sync_once(&agent, &|done, _| *got.lock().unwrap() = done).await;
+    assert!(matches!(r, Err(AgentError::Net(_))), "{r:?}");
+    assert!(proxy.cuts() > 0);
+    let held = *got.lock().unwrap();
+    assert!(held > meta.body.len / 4 && held < meta.body.len, "{held}");
+    // A lookup meanwhile is recorded (and, with no data yet, unknown).
+    let answer = agent
+        .lookup(LookupInput {
+            nhs_number: &rows[0].0.to_string(),
+            staff_id: Some("STAFF42".into()),
+            incident_ref: Some("INCIDENT-77".into()),
+        })
+        .unwrap();
+    assert_eq!(answer.result, LookupResult::Unknown);
+
+    let mut files = Vec::new();
+    all_files(dir.path(), &mut files);
+    let partial = files
+        .iter()
+        .find(|(p, _)| p.contains("downloads"))
+        .expect("the partial download is kept for resuming");
+    assert!(
+        partial.1.len() as u64 >= held,
+        "{} < {held}",
+        partial.1.len()
+    );
+
+    let mut needles = body_needles(&body[..held as usize]);
+    for (n, _, start, end) in &rows {
+        needles.push((format!("nhs {n}"), n.to_ascii().to_vec()));
+        needles.push((format!("nhs {n} be"), n.as_u64().to_be_bytes().to_vec()));
+        needles.push((format!("nhs {n} le"), n.as_u64().to_le_bytes().to_vec()));
+        for d in [start, end].into_iter().filter(|d| !d.is_empty()) {
+            needles.push((format!("date {d}"), d.clone().into_bytes()));
+            needles.push((format!("date {d} compact"), d.replace('-', "").into_bytes()));
         }
+    }
+    for (what, s) in [
+        ("council code", LEICS),
+        ("council code", NOTTS),
+        ("council name", "Leicestershire Test Council"),
+        ("council name", "Nottinghamshire Test Council"),
+        ("phone", "0116 496 0000"),
+        ("phone", "0116 496 0001"),
+        ("staff", "STAFF42"),
+        ("incident", "INCIDENT-77"),
+    ] {
+        needles.push((format!("{what} {s}"), s.as_bytes().to_vec()));
+    }
+    needles.sort();
+    needles.dedup();
+    if let Some((what, path)) = find_any(&files, &needles) {
+        panic!("{what} found in plaintext in {path}");
     }
 }

@@ -171,3 +171,95 @@ impl Env {
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     }
 }
+
+/// The signed metadata and body of the region's current snapshot, fetched with the agent's
+/// own identity (through whatever address it enrolled with) into a scratch directory.
+pub(crate) async fn current_snapshot(
+    agent: &cpis_agent::Agent,
+) -> (cpis_protocol::SnapshotMeta, Vec<u8>) {
+    let client = cpis_agent::sync::device_client(agent).unwrap();
+    let signed = client.snapshot_meta().await.unwrap();
+    let meta: cpis_protocol::SnapshotMeta = signed
+        .open(agent.enrolment().signing_key.verifying_key())
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let sealer = cpis_agent::keystore::MasterKey::generate()
+        .derive()
+        .download;
+    let body = client
+        .snapshot_body(
+            &signed,
+            meta.epoch,
+            meta.version,
+            &meta.body,
+            scratch.path(),
+            &sealer,
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+    meta.body.verify(&body).unwrap();
+    (meta, body)
+}
+
+/// Reads a Prometheus counter of the server (0 when absent): the first sample whose line
+/// starts with `name{` and contains every label in `labels`.
+pub(crate) async fn metric(env: &Env, name: &str, labels: &[&str]) -> u64 {
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(cpis_agent::net::tls_config(&env.ca, None).unwrap())
+        .build()
+        .unwrap();
+    let text = client
+        .get(format!("{}/metrics", env.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
+}
+
+/// `count` upload rows with seeded random NHS numbers (distinct), plan types and dates: a
+/// body that compresses like real data. Starts fall in the five years before `today`; every
+/// fifth plan ended within the last 300 days (inside the 12-month retention).
+pub(crate) fn random_rows(
+    seed: u64,
+    count: usize,
+    today: chrono::NaiveDate,
+) -> Vec<(NhsNumber, &'static str, String, String)> {
+    use rand::{Rng as _, SeedableRng as _};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut seen = std::collections::HashSet::new();
+    let mut rows = Vec::with_capacity(count);
+    while rows.len() < count {
+        let mut nine = [0u8; 9];
+        for d in &mut nine {
+            *d = rng.gen_range(0..10);
+        }
+        nine[0] = rng.gen_range(4..10);
+        let Some(n) = NhsNumber::complete(nine) else {
+            continue;
+        };
+        if !seen.insert(n) {
+            continue;
+        }
+        let i = rows.len();
+        let (start, end) = if i % 5 == 0 {
+            let end = today - chrono::Duration::days(rng.gen_range(1..300));
+            (
+                end - chrono::Duration::days(rng.gen_range(30..900)),
+                end.to_string(),
+            )
+        } else {
+            let start = today - chrono::Duration::days(rng.gen_range(1..1800));
+            (start, String::new())
+        };
+        rows.push((n, ["CPP", "LAC", "UCPP"][i % 3], start.to_string(), end));
+    }
+    rows
+}
