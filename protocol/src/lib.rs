@@ -4,17 +4,22 @@
 //! agent and the tools encode and decode through it.
 
 pub mod api;
+pub mod confirm;
+pub mod contacts;
 pub mod dates;
 pub mod events;
 pub mod feed;
 pub mod flag;
 pub mod ids;
+pub mod ingest;
 pub mod local;
+pub mod mailbox;
 pub mod nhs;
 pub mod policy;
 pub mod signing;
 pub mod verify;
 
+pub use contacts::{MAX_RECENT_CONTACTS, Organisation, RecentContact, SubjectContacts};
 pub use events::{
     AccessEvent, CareSetting, EventBatch, EventUploadAck, LookupResult, RejectedEvent,
 };

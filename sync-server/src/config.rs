@@ -43,6 +43,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Largest accepted request body (council uploads), in bytes (`CPIS_MAX_UPLOAD_BYTES`).
     pub max_upload_bytes: usize,
+    /// Largest accepted event batch body, in bytes (`CPIS_MAX_EVENT_BATCH_BYTES`); larger: 413.
+    pub max_event_batch_bytes: usize,
     /// Requests handled at once before new ones are shed with 503 (`CPIS_MAX_CONCURRENT_REQUESTS`).
     pub max_concurrent_requests: usize,
     /// How long a signed checkpoint stays valid, in seconds (`CPIS_CHECKPOINT_TTL_SECS`).
@@ -99,6 +101,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             max_upload_bytes: 32 * 1024 * 1024,
+            max_event_batch_bytes: 1024 * 1024,
             max_concurrent_requests: 1024,
             checkpoint_ttl_secs: 24 * 3600,
             change_log_days: 30,
@@ -156,6 +159,11 @@ impl Config {
         env_parse("CPIS_LISTEN", get, &mut self.listen)?;
         env_parse("CPIS_MAX_UPLOAD_BYTES", get, &mut self.max_upload_bytes)?;
         env_parse(
+            "CPIS_MAX_EVENT_BATCH_BYTES",
+            get,
+            &mut self.max_event_batch_bytes,
+        )?;
+        env_parse(
             "CPIS_MAX_CONCURRENT_REQUESTS",
             get,
             &mut self.max_concurrent_requests,
@@ -191,6 +199,9 @@ impl Config {
              listen = \"{listen}\"\n\
              # Largest accepted request body in bytes; larger uploads get 413. CPIS_MAX_UPLOAD_BYTES\n\
              max_upload_bytes = {mub}\n\
+             # Largest access-event batch body in bytes (at most 500 events a batch); larger\n\
+             # gets 413. CPIS_MAX_EVENT_BATCH_BYTES\n\
+             max_event_batch_bytes = {mebb}\n\
              # Requests in flight before new ones are shed with 503 + Retry-After.\n\
              max_concurrent_requests = {mcr}\n\
              # Lifetime of a signed checkpoint in seconds.\n\
@@ -210,6 +221,7 @@ impl Config {
              wipe_secs = {wipe}\n",
             listen = d.listen,
             mub = d.max_upload_bytes,
+            mebb = d.max_event_batch_bytes,
             mcr = d.max_concurrent_requests,
             ttl = d.checkpoint_ttl_secs,
             days = d.change_log_days,

@@ -23,6 +23,8 @@ use crate::store::Store;
 mod council;
 mod device;
 mod error;
+mod events;
+mod mailbox;
 mod ops;
 
 pub use error::ApiError;
@@ -41,6 +43,7 @@ pub struct App<S> {
 /// The server's routes with their layers.
 pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
     let max_upload = app.config.max_upload_bytes;
+    let max_events = app.config.max_event_batch_bytes;
     let concurrency = app.config.max_concurrent_requests.max(1);
     Router::new()
         .route("/healthz", get(ops::healthz::<S>))
@@ -49,7 +52,17 @@ pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
             "/v1/councils/{ods}/uploads",
             post(council::upload::<S>).layer(DefaultBodyLimit::max(max_upload)),
         )
+        .route("/v1/councils/{ods}/notifications", get(mailbox::list::<S>))
+        .route(
+            "/v1/councils/{ods}/notifications/ack",
+            post(mailbox::ack::<S>),
+        )
         .route(paths::ENROL, post(device::enrol::<S>))
+        .route(
+            paths::EVENTS,
+            post(events::upload::<S>).layer(DefaultBodyLimit::max(max_events)),
+        )
+        .route(cpis_protocol::confirm::PATH, post(events::confirm::<S>))
         .route(paths::CHECKPOINT, get(device::checkpoint::<S>))
         .route(paths::DELTA, get(device::delta::<S>))
         .route(paths::SNAPSHOT, get(device::snapshot::<S>))

@@ -4,11 +4,13 @@
 //! backend; the only module that touches SQL), [`upload`] (CSV validation), [`reconcile`]
 //! (diff of a council's flags), [`feed`] (signed checkpoints, deltas, cached snapshots),
 //! [`http`] (routes, auth, errors), [`metrics`], [`server`] (init, bind/shutdown),
-//! [`pki`] (keys and certificates), [`tls`] (HTTPS serving with client identities).
+//! [`pki`] (keys and certificates), [`tls`] (HTTPS serving with client identities),
+//! [`ingest`] (checks on devices' access events).
 pub mod clock;
 pub mod config;
 pub mod feed;
 pub mod http;
+pub mod ingest;
 pub mod metrics;
 pub mod pki;
 pub mod reconcile;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use chrono::{Duration, Utc};
 use clap::{Parser, Subcommand};
+use cpis_protocol::mailbox::OVERDUE_AFTER_DAYS;
 use cpis_protocol::{CouncilCode, CouncilInfo, DeviceId, RegionId, TrustCode};
 use cpis_sync_server::clock::SystemClock;
 use cpis_sync_server::config::Config;
@@ -15,7 +16,8 @@ use cpis_sync_server::store::{NewEnrolmentToken, Store, StoreError};
 use cpis_sync_server::tokens;
 
 /// CP-IS Edge central sync server: takes councils' flag lists, serves each ambulance region a
-/// signed snapshot and deltas, enrols and revokes tablets.
+/// signed snapshot and deltas, enrols and revokes tablets, takes tablets' access events and
+/// queues access notifications in council mailboxes.
 ///
 /// Exit codes: 0 success, 2 bad input, 1 other failure.
 #[derive(Debug, Parser)]
@@ -87,6 +89,20 @@ enum Admin {
     /// Enrolled tablets.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Council mailboxes of access notifications.
+    #[command(subcommand)]
+    Mailbox(MailboxCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum MailboxCmd {
+    /// Every council's mailbox: unacknowledged notifications, how many are overdue
+    /// (unacknowledged for more than 5 days) and when the oldest was queued.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -467,6 +483,43 @@ async fn admin(data_dir: &Path, command: Admin) -> anyhow::Result<()> {
                         } else {
                             "active"
                         }
+                    );
+                }
+            }
+        }
+        Admin::Mailbox(MailboxCmd::List { json }) => {
+            let overdue_before = now - Duration::days(OVERDUE_AFTER_DAYS);
+            let stats = store.mailbox_stats(overdue_before).await?;
+            if json {
+                let list: Vec<serde_json::Value> = stats
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "council": m.council,
+                            "name": m.name,
+                            "pending": m.pending,
+                            "overdue": m.overdue,
+                            "oldest_pending": m.oldest_pending,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "mailboxes": list }))?
+                );
+            } else {
+                println!("COUNCIL\tNAME\tPENDING\tOVERDUE\tOLDEST PENDING");
+                for m in stats {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        m.council,
+                        m.name,
+                        m.pending,
+                        m.overdue,
+                        m.oldest_pending.map_or_else(
+                            || "-".to_owned(),
+                            |t| t.format("%Y-%m-%d %H:%M").to_string()
+                        )
                     );
                 }
             }

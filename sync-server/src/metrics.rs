@@ -19,6 +19,24 @@ pub(crate) struct UploadLabels {
     pub(crate) result: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct EventLabels {
+    /// `stored` (new), `duplicate`, `rejected`.
+    pub(crate) outcome: &'static str,
+    /// `upload` or `confirm`.
+    pub(crate) source: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CouncilLabels {
+    pub(crate) council: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ConfirmLabels {
+    pub(crate) result: &'static str,
+}
+
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -30,6 +48,13 @@ pub struct Metrics {
     pub(crate) snapshot_build_seconds: Histogram,
     pub(crate) snapshot_cache_hits: Counter,
     pub(crate) purged_flags: Counter,
+    pub(crate) events: Family<EventLabels, Counter>,
+    pub(crate) event_delay_seconds: Histogram,
+    pub(crate) notifications_queued: Counter,
+    pub(crate) notifications_acknowledged: Counter,
+    pub(crate) mailbox_pending: Family<CouncilLabels, Gauge>,
+    pub(crate) mailbox_overdue: Family<CouncilLabels, Gauge>,
+    pub(crate) confirmations: Family<ConfirmLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -83,6 +108,49 @@ impl Metrics {
             "Flags purged 12 months after their end date",
             purged_flags.clone(),
         );
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "access_events",
+            "Access events received, by outcome (stored, duplicate, rejected) and source",
+            events.clone(),
+        );
+        // 1 s .. ~48 days: tablets can be offline for a long time.
+        let event_delay_seconds = Histogram::new(exponential_buckets(1.0, 4.0, 13));
+        registry.register(
+            "event_delay_seconds",
+            "Delay between a lookup on the tablet (its clock) and the server storing its event",
+            event_delay_seconds.clone(),
+        );
+        let notifications_queued = Counter::default();
+        registry.register(
+            "notifications_queued",
+            "Access notifications queued in council mailboxes",
+            notifications_queued.clone(),
+        );
+        let notifications_acknowledged = Counter::default();
+        registry.register(
+            "notifications_acknowledged",
+            "Access notifications acknowledged by councils",
+            notifications_acknowledged.clone(),
+        );
+        let mailbox_pending = Family::<CouncilLabels, Gauge>::default();
+        registry.register(
+            "mailbox_pending",
+            "Unacknowledged notifications per council mailbox",
+            mailbox_pending.clone(),
+        );
+        let mailbox_overdue = Family::<CouncilLabels, Gauge>::default();
+        registry.register(
+            "mailbox_overdue",
+            "Notifications unacknowledged for more than 5 days, per council mailbox",
+            mailbox_overdue.clone(),
+        );
+        let confirmations = Family::<ConfirmLabels, Counter>::default();
+        registry.register(
+            "online_confirmations",
+            "Online confirmations answered, by national result",
+            confirmations.clone(),
+        );
         Self {
             registry,
             requests,
@@ -92,6 +160,13 @@ impl Metrics {
             snapshot_build_seconds,
             snapshot_cache_hits,
             purged_flags,
+            events,
+            event_delay_seconds,
+            notifications_queued,
+            notifications_acknowledged,
+            mailbox_pending,
+            mailbox_overdue,
+            confirmations,
         }
     }
 

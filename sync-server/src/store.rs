@@ -9,8 +9,10 @@ use std::future::Future;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use cpis_protocol::api::UploadCounts;
+use cpis_protocol::mailbox::{Notification, NotificationId};
 use cpis_protocol::{
-    CouncilCode, CouncilInfo, DeviceId, FlagRecord, RegionId, TrustCode, VersionedChange,
+    AccessEvent, CouncilCode, CouncilInfo, DeviceId, EventId, FlagRecord, NhsNumber, RecentContact,
+    RegionId, TrustCode, VersionedChange,
 };
 use uuid::Uuid;
 
@@ -138,6 +140,123 @@ pub struct LogRetention {
     pub keep_since: DateTime<Utc>,
     /// At most this many of the newest versions are kept.
     pub max_versions: u64,
+}
+
+/// How an event reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSource {
+    /// `POST /v1/device/events` (the tablet's outbox).
+    Upload,
+    /// `POST /v1/device/confirm` (an online check; the event carries the server's answer).
+    Confirm,
+}
+
+impl EventSource {
+    /// The name stored with the event.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventSource::Upload => "upload",
+            EventSource::Confirm => "confirm",
+        }
+    }
+}
+
+/// A validated event to store, with its exact stored form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestEvent {
+    pub event: AccessEvent,
+    /// The event as JSON: stored verbatim, and compared when an id is sent again.
+    pub body: String,
+}
+
+impl IngestEvent {
+    /// Prepares an event for storage.
+    pub fn new(event: AccessEvent) -> Result<Self, StoreError> {
+        let body = serde_json::to_string(&event).map_err(|e| StoreError::Task(e.to_string()))?;
+        Ok(Self { event, body })
+    }
+}
+
+/// An event refused before storage: kept in the audit log only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedEvent {
+    pub event_id: Option<EventId>,
+    pub code: String,
+    /// What was sent (truncated), for the audit log.
+    pub detail: String,
+}
+
+/// One device's events to store in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventIngest {
+    /// The authenticated caller; every event is its own (checked before).
+    pub device: DeviceId,
+    pub trust: TrustCode,
+    pub source: EventSource,
+    /// The server's clock.
+    pub received_at: DateTime<Utc>,
+    pub events: Vec<IngestEvent>,
+    pub refused: Vec<RefusedEvent>,
+}
+
+/// What storing one event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestOutcome {
+    pub event_id: EventId,
+    /// False when the id was already stored (the first write stands).
+    pub new: bool,
+    /// The id was already stored with different content.
+    pub conflict: bool,
+    /// Councils whose mailbox got a notification for it (new events only).
+    pub notified: Vec<CouncilCode>,
+    /// The subject's recent contacts changed.
+    pub contacts_changed: bool,
+}
+
+/// A stored event (tests and tools).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event: AccessEvent,
+    pub received_at: DateTime<Utc>,
+    pub source: String,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    /// `event_stored`, `event_resent_different`, `event_confirmed` (an online check of an
+    /// event already stored), `event_refused`, `notification_queued`,
+    /// `notification_acknowledged`.
+    pub action: String,
+    pub event_id: Option<EventId>,
+    pub device: Option<DeviceId>,
+    pub council: Option<CouncilCode>,
+    pub detail: Option<String>,
+}
+
+/// A council's mailbox in numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxStats {
+    pub council: CouncilCode,
+    pub name: String,
+    /// Unacknowledged notifications.
+    pub pending: u64,
+    /// Unacknowledged notifications queued before the overdue cut-off.
+    pub overdue: u64,
+    /// When the oldest unacknowledged notification was queued.
+    pub oldest_pending: Option<DateTime<Utc>>,
+}
+
+/// A subject as the national set holds it, for online confirmation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NationalLookup {
+    /// Every council's flags for the subject, with the council's directory entry.
+    pub flags: Vec<(FlagRecord, CouncilInfo)>,
+    /// Councils in the directory.
+    pub councils_covered: u64,
+    /// The subject's recent contacts, newest first.
+    pub contacts: Vec<RecentContact>,
 }
 
 /// The server's storage. Implemented by [`SqliteStore`]; a PostgreSQL backend follows.
@@ -288,4 +407,63 @@ pub trait Store: Send + Sync + 'static {
 
     /// Lists councils.
     fn councils(&self) -> impl Future<Output = Result<Vec<CouncilInfo>, StoreError>> + Send;
+
+    /// Stores a device's events durably, de-duplicated by event id (a re-sent id changes
+    /// nothing), each in the audit log; queues one notification per owning council for each
+    /// new flagged event and updates the subject's recent contacts. Answers after commit.
+    fn ingest_events(
+        &self,
+        ingest: EventIngest,
+    ) -> impl Future<Output = Result<Vec<IngestOutcome>, StoreError>> + Send;
+
+    /// Every council's flags for a subject, the directory size and the subject's contacts.
+    fn national_lookup(
+        &self,
+        nhs_number: NhsNumber,
+    ) -> impl Future<Output = Result<NationalLookup, StoreError>> + Send;
+
+    /// A subject's recent contacts, newest first (at most 25).
+    fn recent_contacts(
+        &self,
+        nhs_number: NhsNumber,
+    ) -> impl Future<Output = Result<Vec<RecentContact>, StoreError>> + Send;
+
+    /// Up to `limit` of the council's unacknowledged notifications queued after `after`, in
+    /// queue order; `overdue` is judged at `now`.
+    fn list_notifications(
+        &self,
+        council: CouncilCode,
+        after: u64,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<Notification>, StoreError>> + Send;
+
+    /// Acknowledges those of `ids` that are in the council's mailbox; returns how many left it.
+    fn acknowledge_notifications(
+        &self,
+        council: CouncilCode,
+        ids: Vec<NotificationId>,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Every council's mailbox: pending, and overdue (queued before `overdue_before`).
+    fn mailbox_stats(
+        &self,
+        overdue_before: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<MailboxStats>, StoreError>> + Send;
+
+    /// A stored event (tests and tools).
+    fn stored_event(
+        &self,
+        id: EventId,
+    ) -> impl Future<Output = Result<Option<StoredEvent>, StoreError>> + Send;
+
+    /// Every stored event id, in id order (tests and tools).
+    fn event_ids(&self) -> impl Future<Output = Result<Vec<EventId>, StoreError>> + Send;
+
+    /// The audit log entries of one event, oldest first (tests and tools).
+    fn audit_entries(
+        &self,
+        event_id: EventId,
+    ) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
 }

@@ -6,7 +6,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use cpis_protocol::mailbox::OVERDUE_AFTER_DAYS;
+
 use super::{ApiError, App};
+use crate::metrics::CouncilLabels;
 use crate::store::Store;
 
 /// `GET /healthz`: 200 when the database answers.
@@ -28,6 +31,26 @@ pub(crate) async fn metrics<S: Store>(State(app): State<Arc<App<S>>>) -> Respons
         app.metrics
             .head_version
             .set(i64::try_from(v).unwrap_or(i64::MAX));
+    }
+    let overdue_before = app.clock.now() - chrono::Duration::days(OVERDUE_AFTER_DAYS);
+    match app.store.mailbox_stats(overdue_before).await {
+        Ok(stats) => {
+            for s in stats {
+                let labels = CouncilLabels {
+                    council: s.council.to_string(),
+                };
+                let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                app.metrics
+                    .mailbox_pending
+                    .get_or_create(&labels)
+                    .set(gauge(s.pending));
+                app.metrics
+                    .mailbox_overdue
+                    .get_or_create(&labels)
+                    .set(gauge(s.overdue));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading mailbox counts for /metrics failed"),
     }
     (
         [(

@@ -20,13 +20,19 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    DeviceRecord, LogRetention, NewDevice, NewEnrolmentToken, RegionChanges, RegionHead,
-    RegionRecord, Store, StoreError, TokenRefusal, TrustRecord, UploadOutcome,
+    AuditEntry, DeviceRecord, EventId, EventIngest, IngestOutcome, LogRetention, MailboxStats,
+    NationalLookup, NewDevice, NewEnrolmentToken, RegionChanges, RegionHead, RegionRecord, Store,
+    StoreError, StoredEvent, TokenRefusal, TrustRecord, UploadOutcome,
 };
 use crate::reconcile;
+use cpis_protocol::RecentContact;
+use cpis_protocol::mailbox::{Notification, NotificationId};
+
+mod events;
 
 /// The schema, one entry per migration; `user_version` counts the applied ones.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT;
 INSERT INTO meta (key, value) VALUES ('head_version', 0);
 CREATE TABLE trusts (
@@ -78,7 +84,9 @@ CREATE TABLE devices (
     agent_version TEXT NOT NULL, cert_expires_at INTEGER NOT NULL,
     enrolled_at INTEGER NOT NULL, last_seen INTEGER, revoked_at INTEGER
 ) STRICT;
-"#];
+"#,
+    events::MIGRATION,
+];
 
 /// Jobs the writer batches into one transaction.
 const MAX_BATCH: usize = 64;
@@ -1132,5 +1140,70 @@ impl Store for SqliteStore {
             let rows = stmt.query_map([], council_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
+    }
+
+    fn ingest_events(
+        &self,
+        ingest: EventIngest,
+    ) -> impl Future<Output = Result<Vec<IngestOutcome>, StoreError>> + Send {
+        self.write(move |c| events::ingest(c, &ingest))
+    }
+
+    fn national_lookup(
+        &self,
+        nhs_number: NhsNumber,
+    ) -> impl Future<Output = Result<NationalLookup, StoreError>> + Send {
+        self.read(move |c| events::national_lookup(c, nhs_number))
+    }
+
+    fn recent_contacts(
+        &self,
+        nhs_number: NhsNumber,
+    ) -> impl Future<Output = Result<Vec<RecentContact>, StoreError>> + Send {
+        self.read(move |c| events::contacts(c, nhs_number))
+    }
+
+    fn list_notifications(
+        &self,
+        council: CouncilCode,
+        after: u64,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<Notification>, StoreError>> + Send {
+        self.read(move |c| events::list(c, &council, after, limit, now))
+    }
+
+    fn acknowledge_notifications(
+        &self,
+        council: CouncilCode,
+        ids: Vec<NotificationId>,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.write(move |c| events::acknowledge(c, &council, &ids, now))
+    }
+
+    fn mailbox_stats(
+        &self,
+        overdue_before: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<MailboxStats>, StoreError>> + Send {
+        self.read(move |c| events::stats(c, overdue_before))
+    }
+
+    fn stored_event(
+        &self,
+        id: EventId,
+    ) -> impl Future<Output = Result<Option<StoredEvent>, StoreError>> + Send {
+        self.read(move |c| events::stored_event(c, &id))
+    }
+
+    fn event_ids(&self) -> impl Future<Output = Result<Vec<EventId>, StoreError>> + Send {
+        self.read(events::event_ids)
+    }
+
+    fn audit_entries(
+        &self,
+        event_id: EventId,
+    ) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send {
+        self.read(move |c| events::audit_entries(c, &event_id))
     }
 }

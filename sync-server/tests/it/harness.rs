@@ -4,8 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use cpis_protocol::api::{EnrolRequest, EnrolResponse};
-use cpis_protocol::{CouncilCode, CouncilInfo, NhsNumber, RegionId, TrustCode};
+use cpis_protocol::api::{EnrolRequest, EnrolResponse, paths};
+use cpis_protocol::mailbox::{self, AckRequest, Notification, NotificationId, NotificationPage};
+use cpis_protocol::{
+    AccessEvent, CareSetting, CouncilCode, CouncilInfo, EventBatch, EventId, EventUploadAck,
+    Freshness, LookupResult, NhsNumber, PlanType, RegionId, TrustCode,
+};
 use cpis_sync_server::clock::ManualClock;
 use cpis_sync_server::config::Config;
 use cpis_sync_server::server::{self, Server, ServerHandle};
@@ -84,14 +88,30 @@ impl Env {
         Self::serve(dir, tweak).await
     }
 
+    /// A server whose manual clock starts at `now`.
+    pub async fn start_at(now: DateTime<Utc>) -> Env {
+        let dir = TempDir::new().unwrap();
+        server::init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        Self::serve_at(dir, now, |_| {}).await
+    }
+
     /// Serves an initialised data dir.
     pub async fn serve(dir: TempDir, tweak: impl FnOnce(&mut Config)) -> Env {
+        Self::serve_at(dir, t0(), tweak).await
+    }
+
+    /// Serves an initialised data dir with the manual clock at `now`.
+    pub async fn serve_at(
+        dir: TempDir,
+        now: DateTime<Utc>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Env {
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
         tweak(&mut config);
-        let clock = ManualClock::new(t0());
+        let clock = ManualClock::new(now);
         let handle = Server::bind(dir.path(), config, Arc::new(clock.clone()))
             .await
             .unwrap();
@@ -226,6 +246,130 @@ impl Env {
         handle.join().await.unwrap();
         self.dir
     }
+}
+
+impl Device {
+    /// An access event of this device, at `at`, for the n-th test NHS number; flagged by
+    /// `councils` with `plans` when `councils` is not empty.
+    pub fn event(
+        &self,
+        n: u32,
+        at: DateTime<Utc>,
+        councils: &[&str],
+        plans: &[PlanType],
+    ) -> AccessEvent {
+        AccessEvent {
+            event_id: EventId::new(),
+            accessed_at: at,
+            trust: self.enrolment.trust.clone(),
+            device: self.enrolment.device_id,
+            staff_id: Some("P0001".into()),
+            nhs_number: nhs(n),
+            result: if councils.is_empty() {
+                LookupResult::NotFlagged
+            } else {
+                LookupResult::Flagged
+            },
+            plan_types: plans.to_vec(),
+            councils: councils.iter().map(|c| council(c)).collect(),
+            data_as_of: Some(at - chrono::Duration::hours(1)),
+            freshness: Freshness::Fresh,
+            setting: CareSetting::Ambulance,
+            incident_ref: Some("INC-1".into()),
+        }
+    }
+
+    /// Posts a batch of events.
+    pub async fn post_events(&self, env: &Env, events: &[AccessEvent]) -> reqwest::Response {
+        self.client
+            .post(env.url(paths::EVENTS))
+            .json(&EventBatch {
+                events: events.to_vec(),
+            })
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Posts a batch of events and expects `200`.
+    pub async fn send_events(&self, env: &Env, events: &[AccessEvent]) -> EventUploadAck {
+        let r = self.post_events(env, events).await;
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+}
+
+impl Env {
+    /// One page of a council's mailbox.
+    pub async fn list(
+        &self,
+        token: &str,
+        ods: &str,
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> reqwest::Response {
+        let mut url = self.url(&mailbox::notifications_path(ods));
+        let mut sep = '?';
+        if let Some(a) = after {
+            url.push_str(&format!("{sep}after={a}"));
+            sep = '&';
+        }
+        if let Some(l) = limit {
+            url.push_str(&format!("{sep}limit={l}"));
+        }
+        self.client()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Every notification in a council's mailbox, following `next`.
+    pub async fn mailbox(&self, token: &str, ods: &str) -> Vec<Notification> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let r = self.list(token, ods, after.as_deref(), Some(1000)).await;
+            assert_eq!(r.status(), 200);
+            let page: NotificationPage = r.json().await.unwrap();
+            all.extend(page.notifications);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return all,
+            }
+        }
+    }
+
+    /// Acknowledges ids in a council's mailbox.
+    pub async fn ack(&self, token: &str, ods: &str, ids: &[NotificationId]) -> reqwest::Response {
+        self.client()
+            .post(self.url(&mailbox::ack_path(ods)))
+            .bearer_auth(token)
+            .json(&AckRequest { ids: ids.to_vec() })
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// The value of one sample line of a Prometheus text exposition.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 pub fn council(code: &str) -> CouncilCode {

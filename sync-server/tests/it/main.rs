@@ -8,7 +8,10 @@
 )]
 
 mod cli;
+mod crash;
+mod events;
 mod feed;
 mod harness;
 mod isolation;
+mod mailbox;
 mod uploads;

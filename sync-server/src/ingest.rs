@@ -1,0 +1,241 @@
+//! Checks on access events sent by a device, before anything is stored: each event is read
+//! on its own (one bad event never spoils the batch), must be the caller's own, and must
+//! have plausible times and bounded text. Pure logic, no IO.
+
+use chrono::{DateTime, Duration, Utc};
+use cpis_protocol::ingest::{EARLIEST_ACCESS, MAX_CLOCK_AHEAD_SECS, MAX_TEXT_CHARS, codes};
+use cpis_protocol::{AccessEvent, DeviceId, EventId, PlanType, RejectedEvent, TrustCode};
+
+use crate::store::RefusedEvent;
+
+/// Most councils one event may name.
+const MAX_COUNCILS: usize = 64;
+/// How much of a refused event is kept in the audit log.
+const MAX_AUDIT_DETAIL: usize = 4096;
+
+/// The authenticated device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub device: DeviceId,
+    pub trust: TrustCode,
+}
+
+/// A batch sorted into events to store and events rejected for good.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub accepted: Vec<AccessEvent>,
+    pub rejected: Vec<RejectedEvent>,
+    /// The rejected events as the audit log records them.
+    pub refused: Vec<RefusedEvent>,
+}
+
+/// Why a whole batch is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("event {index} of the batch has no readable event_id (a UUID v7)")]
+    NoEventId { index: usize },
+}
+
+fn truncated(s: &str) -> String {
+    if s.len() <= MAX_AUDIT_DETAIL {
+        return s.to_owned();
+    }
+    let mut end = MAX_AUDIT_DETAIL;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Checks one event; `Err((code, message))` rejects it.
+pub fn check_event(
+    event: &AccessEvent,
+    caller: &Caller,
+    now: DateTime<Utc>,
+) -> Result<(), (&'static str, String)> {
+    if event.device != caller.device || event.trust != caller.trust {
+        return Err((
+            codes::NOT_OWN_EVENT,
+            format!(
+                "the event names device {} of trust {}, but was sent by device {} of trust {}",
+                event.device, event.trust, caller.device, caller.trust
+            ),
+        ));
+    }
+    let too_long = |what: &str, v: &Option<String>| {
+        v.as_ref()
+            .filter(|s| s.chars().count() > MAX_TEXT_CHARS)
+            .map(|_| {
+                (
+                    codes::MALFORMED_EVENT,
+                    format!("{what} is longer than {MAX_TEXT_CHARS} characters"),
+                )
+            })
+    };
+    if let Some(e) = too_long("staff_id", &event.staff_id) {
+        return Err(e);
+    }
+    if let Some(e) = too_long("incident_ref", &event.incident_ref) {
+        return Err(e);
+    }
+    if event.plan_types.len() > PlanType::ALL.len() || event.councils.len() > MAX_COUNCILS {
+        return Err((
+            codes::MALFORMED_EVENT,
+            format!(
+                "an event names at most {} plan types and {MAX_COUNCILS} councils",
+                PlanType::ALL.len()
+            ),
+        ));
+    }
+    let latest = now + Duration::seconds(MAX_CLOCK_AHEAD_SECS);
+    let earliest: DateTime<Utc> = EARLIEST_ACCESS.parse().unwrap_or(DateTime::UNIX_EPOCH);
+    if event.accessed_at > latest || event.accessed_at < earliest {
+        return Err((
+            codes::IMPLAUSIBLE_TIME,
+            format!(
+                "accessed_at {} is before {earliest} or more than a day after the server's \
+                 time {now}: the tablet's clock is wrong",
+                event.accessed_at
+            ),
+        ));
+    }
+    if event.data_as_of.is_some_and(|t| t > latest) {
+        return Err((
+            codes::IMPLAUSIBLE_TIME,
+            "data_as_of is a server time and cannot be ahead of the server's clock".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads and checks each event of a batch on its own.
+pub fn check_batch(
+    events: Vec<serde_json::Value>,
+    caller: &Caller,
+    now: DateTime<Utc>,
+) -> Result<Checked, BatchError> {
+    let mut out = Checked::default();
+    for (index, value) in events.into_iter().enumerate() {
+        let raw = truncated(&value.to_string());
+        let id = value
+            .get("event_id")
+            .and_then(|v| v.as_str())
+            .and_then(|s| s.parse::<EventId>().ok());
+        let mut reject = |event_id: EventId, code: &'static str, message: String| {
+            out.refused.push(RefusedEvent {
+                event_id: Some(event_id),
+                code: code.to_owned(),
+                detail: format!("{message}; sent: {raw}"),
+            });
+            out.rejected.push(RejectedEvent {
+                event_id,
+                code: code.to_owned(),
+                message,
+            });
+        };
+        let event: AccessEvent = match serde_json::from_value(value) {
+            Ok(e) => e,
+            Err(e) => {
+                let Some(id) = id else {
+                    return Err(BatchError::NoEventId { index });
+                };
+                reject(
+                    id,
+                    codes::MALFORMED_EVENT,
+                    format!("the event cannot be read: {e}"),
+                );
+                continue;
+            }
+        };
+        match check_event(&event, caller, now) {
+            Ok(()) => out.accepted.push(event),
+            Err((code, message)) => reject(event.event_id, code, message),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use cpis_protocol::{CareSetting, Freshness, LookupResult, NhsNumber};
+
+    fn now() -> DateTime<Utc> {
+        "2025-06-01T12:00:00Z".parse().unwrap()
+    }
+
+    fn caller() -> Caller {
+        Caller {
+            device: DeviceId::new(),
+            trust: "RX9".parse().unwrap(),
+        }
+    }
+
+    fn event(c: &Caller) -> AccessEvent {
+        AccessEvent {
+            event_id: EventId::new(),
+            accessed_at: now(),
+            trust: c.trust.clone(),
+            device: c.device,
+            staff_id: None,
+            nhs_number: "9434765919".parse::<NhsNumber>().unwrap(),
+            result: LookupResult::NotFlagged,
+            plan_types: vec![],
+            councils: vec![],
+            data_as_of: Some(now()),
+            freshness: Freshness::Fresh,
+            setting: CareSetting::Ambulance,
+            incident_ref: None,
+        }
+    }
+
+    #[test]
+    fn each_event_is_judged_alone() {
+        let c = caller();
+        let good = event(&c);
+        let mut other = event(&c);
+        other.device = DeviceId::new();
+        let mut future = event(&c);
+        future.accessed_at = now() + Duration::days(2);
+        let mut long = event(&c);
+        long.staff_id = Some("x".repeat(MAX_TEXT_CHARS + 1));
+        let mut unreadable = serde_json::to_value(event(&c)).unwrap();
+        unreadable["setting"] = "helicopter".into();
+        let unreadable_id: EventId = unreadable["event_id"].as_str().unwrap().parse().unwrap();
+        let values = vec![
+            serde_json::to_value(&good).unwrap(),
+            serde_json::to_value(&other).unwrap(),
+            serde_json::to_value(&future).unwrap(),
+            serde_json::to_value(&long).unwrap(),
+            unreadable,
+        ];
+        let checked = check_batch(values, &c, now()).unwrap();
+        assert_eq!(checked.accepted, vec![good]);
+        let codes: Vec<(EventId, &str)> = checked
+            .rejected
+            .iter()
+            .map(|r| (r.event_id, r.code.as_str()))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                (other.event_id, codes::NOT_OWN_EVENT),
+                (future.event_id, codes::IMPLAUSIBLE_TIME),
+                (long.event_id, codes::MALFORMED_EVENT),
+                (unreadable_id, codes::MALFORMED_EVENT),
+            ]
+        );
+        assert_eq!(checked.refused.len(), 4);
+    }
+
+    #[test]
+    fn an_event_without_a_readable_id_refuses_the_batch() {
+        let c = caller();
+        let mut v = serde_json::to_value(event(&c)).unwrap();
+        v["event_id"] = "550e8400-e29b-41d4-a716-446655440000".into();
+        let err =
+            check_batch(vec![serde_json::to_value(event(&c)).unwrap(), v], &c, now()).unwrap_err();
+        assert_eq!(err, BatchError::NoEventId { index: 1 });
+    }
+}
