@@ -8,6 +8,9 @@
 //! * audited lookup: `Agent::lookup` including the access event committed with fsync.
 //!
 //! Run: `cargo bench -p cpis-agent --bench lookup` (`CPIS_BENCH_FLAGS` changes the size).
+//! The SQLCipher figure comes from `bench-workspace/` (a workspace of its own, so this crate
+//! never links SQLCipher); `bench-workspace/run.sh` runs both and prints all three lookup
+//! figures side by side from the `RESULT` lines printed at the end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -50,9 +53,10 @@ fn main() {
     let flags: Vec<FlagRecord> = ds.flags().cloned().collect();
     let councils: Vec<_> = ds.directory.councils.iter().map(|c| c.info()).collect();
     println!(
-        "benchmark: {} flags, {} councils, seed {seed}",
+        "benchmark: {} flags, {} councils, seed {seed}, SQLite {}",
         flags.len(),
-        councils.len()
+        councils.len(),
+        rusqlite::version()
     );
 
     let now: DateTime<Utc> = "2026-11-01T12:00:00Z".parse().unwrap();
@@ -269,10 +273,32 @@ fn main() {
         );
         t_aud.push(t.elapsed());
     }
+    let (aud50, aud99) = (pct(t_aud.clone(), 0.5), pct(t_aud, 0.99));
     println!(
         "audited lookup (fsync'd outbox):   p50 {:7.1} µs  p99 {:7.1} µs",
-        us(pct(t_aud.clone(), 0.5)),
-        us(pct(t_aud, 0.99))
+        us(aud50),
+        us(aud99)
     );
     println!("targets: encrypted ≤ 2x plaintext; install < 2000 ms; audited p99 < 5000 µs");
+    println!(
+        "RESULT plaintext p50_us={:.2} p99_us={:.2}",
+        us(p50p),
+        us(p99p)
+    );
+    println!(
+        "RESULT encrypted p50_us={:.2} p99_us={:.2}",
+        us(p50e),
+        us(p99e)
+    );
+    println!(
+        "RESULT audited p50_us={:.2} p99_us={:.2}",
+        us(aud50),
+        us(aud99)
+    );
+    println!(
+        "RESULT install ms={:.0} flags={} compressed_kib={}",
+        install.as_secs_f64() * 1e3,
+        flags.len(),
+        bytes.len() / 1024
+    );
 }

@@ -193,7 +193,10 @@ fn main() {
     let bytes = std::fs::read(&cipher_path).unwrap();
     assert!(!bytes.starts_with(b"SQLite format 3"));
     let code = flags[0].council.as_str().as_bytes().to_vec();
-    assert!(!contains(&bytes, &code), "council code in clear in SQLCipher file");
+    assert!(
+        !contains(&bytes, &code),
+        "council code in clear in SQLCipher file"
+    );
     assert!(contains(&std::fs::read(&plain_path).unwrap(), &code));
 
     // Same answers.
@@ -235,6 +238,14 @@ fn main() {
         us(p50c) / us(p50p),
         us(p99c) / us(p99p)
     );
-    println!("RESULT plaintext p50_us={:.2} p99_us={:.2}", us(p50p), us(p99p));
-    println!("RESULT sqlcipher p50_us={:.2} p99_us={:.2}", us(p50c), us(p99c));
+    println!(
+        "RESULT plaintext p50_us={:.2} p99_us={:.2}",
+        us(p50p),
+        us(p99p)
+    );
+    println!(
+        "RESULT sqlcipher p50_us={:.2} p99_us={:.2}",
+        us(p50c),
+        us(p99c)
+    );
 }
