@@ -6,7 +6,9 @@
 //! * `keys/device.key.pem` (0600), `keys/device.cert.pem`, `keys/ca.pem` — mTLS identity and
 //!   the only CA trusted for the server;
 //! * `enrolment.sealed` — device id, trust, region, server URL, pinned signing key, policy;
-//! * `flags.db`, `outbox.db` — see [`crate::store`].
+//! * `flags.db`, `outbox.db` — see [`crate::store`];
+//! * `downloads/snapshot.sealed` — an unfinished snapshot download, sealed chunk by chunk;
+//!   see [`crate::download`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
