@@ -1,0 +1,11 @@
+//! Field tests: the proxy's faults against tiny loopback servers, then scenarios with the
+//! real `cpis-sync-server` and `cpis-agent` binaries (see README.md for the list).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod crash;
+mod proxy;
+mod resume;
+mod servers;
+mod slow_link;
