@@ -64,6 +64,7 @@ fn main() {
     let body = SnapshotBody {
         councils: councils.clone(),
         flags: flags.clone(),
+        contacts: vec![],
     };
     let (bytes, info) = encode_body(&body, 3).unwrap();
     let meta = SnapshotMeta {

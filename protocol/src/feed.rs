@@ -8,13 +8,17 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::contacts::SubjectContacts;
 use crate::flag::{CouncilInfo, FlagKey, FlagRecord};
 use crate::ids::RegionId;
 use crate::policy::Policy;
 use crate::verify::VerifyError;
 
 /// The version of the body encoding; bumped when a body type changes shape.
-pub const BODY_FORMAT: u16 = 1;
+///
+/// 2: snapshots carry each held subject's recent contacts; deltas carry
+/// [`Change::Contacts`].
+pub const BODY_FORMAT: u16 = 2;
 
 /// A region's head, signed: polled often, costs one small message when nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +75,9 @@ pub struct DeltaMeta {
 pub struct SnapshotBody {
     pub councils: Vec<CouncilInfo>,
     pub flags: Vec<FlagRecord>,
+    /// The recent contacts of subjects with flags in the snapshot (those that have any), in
+    /// NHS number order, each list newest first.
+    pub contacts: Vec<SubjectContacts>,
 }
 
 /// One change to a flag.
@@ -80,6 +87,8 @@ pub enum Change {
     Upsert(FlagRecord),
     /// Removed by its council, or purged past retention.
     Remove(FlagKey),
+    /// A held subject's recent contacts as they now stand (replacing the previous list).
+    Contacts(SubjectContacts),
 }
 
 /// A change with its global change-log version.

@@ -20,7 +20,7 @@ use cpis_sync_server::clock::ManualClock;
 use cpis_sync_server::config::Config;
 use cpis_sync_server::feed::build_snapshot;
 use cpis_sync_server::server::{self, Server};
-use cpis_sync_server::store::{NewEnrolmentToken, RegionHead, Store};
+use cpis_sync_server::store::{NewEnrolmentToken, RegionHead, RegionSnapshot, Store};
 use cpis_sync_server::tokens;
 use cpis_sync_server::upload::{self, UploadOptions};
 use rustls::pki_types::pem::PemObject as _;
@@ -303,7 +303,12 @@ async fn run() {
     );
     for level in [3, 9, 19] {
         let t = Instant::now();
-        let built = build_snapshot(&signing, level, &head, region_flags.clone(), now).unwrap();
+        let snapshot = RegionSnapshot {
+            head: head.clone(),
+            flags: region_flags.clone(),
+            contacts: vec![],
+        };
+        let built = build_snapshot(&signing, level, snapshot, now).unwrap();
         let time = t.elapsed();
         let per = built.body.len() as f64 / count;
         println!(

@@ -7,12 +7,12 @@ use std::time::Instant;
 use axum::body::Bytes;
 use chrono::{DateTime, Duration, Utc};
 use cpis_protocol::{
-    Checkpoint, DeltaBody, DeltaMeta, FlagRecord, Policy, RegionId, SignedMessage, SigningKey,
-    SnapshotBody, SnapshotMeta, encode_body,
+    Checkpoint, DeltaBody, DeltaMeta, Policy, RegionId, SignedMessage, SigningKey, SnapshotBody,
+    SnapshotMeta, encode_body,
 };
 
 use crate::metrics::Metrics;
-use crate::store::{RegionChanges, RegionHead, Store, StoreError};
+use crate::store::{RegionChanges, RegionHead, RegionSnapshot, Store, StoreError};
 
 /// Why a feed message could not be produced.
 #[derive(Debug, thiserror::Error)]
@@ -104,11 +104,10 @@ impl Feed {
     /// Builds, compresses and signs a snapshot of the given state (CPU only).
     pub fn build_snapshot(
         &self,
-        head: &RegionHead,
-        flags: Vec<FlagRecord>,
+        snapshot: RegionSnapshot,
         now: DateTime<Utc>,
     ) -> Result<BuiltSnapshot, FeedError> {
-        build_snapshot(&self.key, self.zstd_level, head, flags, now)
+        build_snapshot(&self.key, self.zstd_level, snapshot, now)
     }
 
     /// Builds and signs the delta of `changes` from `from` to the region's head.
@@ -216,19 +215,18 @@ impl Feed {
             metrics.snapshot_cache_hits.inc();
             return Ok(Some(hit));
         }
-        let Some((head, flags)) = store.region_snapshot(region.clone()).await? else {
+        let Some(snapshot) = store.region_snapshot(region.clone()).await? else {
             return Ok(None);
         };
-        if let Some(hit) = self.cached(region, head.epoch, head.version) {
+        if let Some(hit) = self.cached(region, snapshot.head.epoch, snapshot.head.version) {
             return Ok(Some(hit));
         }
         let started = Instant::now();
         let key = self.key.clone();
         let level = self.zstd_level;
-        let built =
-            tokio::task::spawn_blocking(move || build_snapshot(&key, level, &head, flags, now))
-                .await
-                .map_err(|e| FeedError::Task(e.to_string()))??;
+        let built = tokio::task::spawn_blocking(move || build_snapshot(&key, level, snapshot, now))
+            .await
+            .map_err(|e| FeedError::Task(e.to_string()))??;
         metrics
             .snapshot_build_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -251,14 +249,19 @@ impl Feed {
 pub fn build_snapshot(
     key: &SigningKey,
     zstd_level: i32,
-    head: &RegionHead,
-    flags: Vec<FlagRecord>,
+    snapshot: RegionSnapshot,
     now: DateTime<Utc>,
 ) -> Result<BuiltSnapshot, FeedError> {
+    let RegionSnapshot {
+        head,
+        flags,
+        contacts,
+    } = snapshot;
     let flag_count = flags.len() as u64;
     let body = SnapshotBody {
         councils: head.councils.clone(),
         flags,
+        contacts,
     };
     let (bytes, info) = encode_body(&body, zstd_level).map_err(FeedError::Encode)?;
     let meta = SnapshotMeta {

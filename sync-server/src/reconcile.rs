@@ -122,7 +122,7 @@ mod tests {
             .iter()
             .filter_map(|c| match c {
                 Change::Remove(k) => Some(k.clone()),
-                Change::Upsert(_) => None,
+                _ => None,
             })
             .collect();
         assert_eq!(removed, vec![flag(4, PlanType::Cpp, None).key()]);

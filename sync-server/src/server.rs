@@ -170,7 +170,8 @@ async fn maintenance(
     }
 }
 
-/// One round of maintenance: purge flags past retention, prune the change log.
+/// One round of maintenance: purge flags past retention, prune the change log, drop the
+/// recent contacts of subjects no longer flagged.
 pub async fn maintain<S: Store>(app: &App<S>) -> Result<(), StoreError> {
     let now = app.clock.now();
     let purged = app.store.purge_expired(now.date_naive(), now).await?;
@@ -183,8 +184,10 @@ pub async fn maintain<S: Store>(app: &App<S>) -> Result<(), StoreError> {
             max_versions: app.config.change_log_max_versions,
         })
         .await?;
-    if purged > 0 || pruned > 0 {
-        tracing::info!(purged, pruned, "maintenance");
+    // Contacts of subjects no council flags any more serve no one: drop them.
+    let contacts = app.store.purge_orphan_contacts().await?;
+    if purged > 0 || pruned > 0 || contacts > 0 {
+        tracing::info!(purged, pruned, contacts, "maintenance");
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use cpis_protocol::api::UploadCounts;
 use cpis_protocol::mailbox::{Notification, NotificationId};
 use cpis_protocol::{
     AccessEvent, CouncilCode, CouncilInfo, DeviceId, EventId, FlagRecord, NhsNumber, RecentContact,
-    RegionId, TrustCode, VersionedChange,
+    RegionId, SubjectContacts, TrustCode, VersionedChange,
 };
 use uuid::Uuid;
 
@@ -76,11 +76,23 @@ pub struct RegionHead {
     pub councils: Vec<CouncilInfo>,
 }
 
+/// Everything a region's snapshot carries, read consistently with its head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionSnapshot {
+    pub head: RegionHead,
+    /// Every live flag of the scope councils.
+    pub flags: Vec<FlagRecord>,
+    /// Recent contacts of the subjects those flags are about (those with any), by NHS number.
+    pub contacts: Vec<SubjectContacts>,
+}
+
 /// A region's changes after a version, read consistently with its head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionChanges {
     pub head: RegionHead,
-    /// Changes in `(from, head.version]` of the scope councils, in version order.
+    /// Changes in `(from, head.version]` of the scope councils, in version order. A subject's
+    /// contact changes appear once (its latest), carrying its contacts as they stand at the
+    /// head.
     pub changes: Vec<VersionedChange>,
 }
 
@@ -338,11 +350,12 @@ pub trait Store: Send + Sync + 'static {
         region: RegionId,
     ) -> impl Future<Output = Result<Option<RegionHead>, StoreError>> + Send;
 
-    /// Every live flag of the region's scope, read consistently with its head.
+    /// Every live flag of the region's scope and its subjects' recent contacts, read
+    /// consistently with its head.
     fn region_snapshot(
         &self,
         region: RegionId,
-    ) -> impl Future<Output = Result<Option<(RegionHead, Vec<FlagRecord>)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<RegionSnapshot>, StoreError>> + Send;
 
     /// The region's changes after `from`, read consistently with its head.
     fn region_changes(
@@ -410,7 +423,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a device's events durably, de-duplicated by event id (a re-sent id changes
     /// nothing), each in the audit log; queues one notification per owning council for each
-    /// new flagged event and updates the subject's recent contacts. Answers after commit.
+    /// new flagged event and updates the subject's recent contacts. A contacts change is
+    /// recorded in the change log (op `contacts`, one entry per council holding a flag for
+    /// the subject), so regions holding the subject carry it in deltas. Answers after commit.
     fn ingest_events(
         &self,
         ingest: EventIngest,
@@ -421,6 +436,9 @@ pub trait Store: Send + Sync + 'static {
         &self,
         nhs_number: NhsNumber,
     ) -> impl Future<Output = Result<NationalLookup, StoreError>> + Send;
+
+    /// Deletes the recent contacts of subjects no council flags any more; returns how many.
+    fn purge_orphan_contacts(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// A subject's recent contacts, newest first (at most 25).
     fn recent_contacts(

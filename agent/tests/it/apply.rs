@@ -210,6 +210,7 @@ fn wrong_region_and_expired_are_rejected() {
     let body = cpis_protocol::SnapshotBody {
         councils: s.data.councils.clone(),
         flags: s.data.flags.clone(),
+        contacts: vec![],
     };
     let (bytes, info) = cpis_protocol::encode_body(&body, 3).unwrap();
     let meta = cpis_protocol::SnapshotMeta {
@@ -300,4 +301,52 @@ fn delta_applies_changes() {
     assert_eq!(v.end_date, ended.end_date);
     assert_eq!(r.result, LookupResult::Flagged);
     assert_eq!(look(added.nhs_number).result, LookupResult::Flagged);
+}
+
+/// Body format 2: a delta may carry a subject's recent contacts. The agent does not keep
+/// them yet; the delta still applies (its version is taken) and every flag stays as it was.
+#[test]
+fn delta_carrying_recent_contacts_applies_and_keeps_flags() {
+    let s = setup();
+    let cp = s
+        .agent
+        .accept_checkpoint(&s.feed.checkpoint(1, 11, t0()))
+        .unwrap();
+    let subject = s.data.flags[0].nhs_number;
+    let contacts = cpis_protocol::SubjectContacts {
+        nhs_number: subject,
+        contacts: vec![cpis_protocol::RecentContact {
+            date: as_of_day(),
+            organisation: cpis_protocol::Organisation {
+                ods: "RX9".parse().unwrap(),
+                name: "East Midlands Ambulance".into(),
+            },
+            setting: cpis_protocol::CareSetting::Ambulance,
+        }],
+    };
+    let body = DeltaBody {
+        councils: s.data.councils.clone(),
+        changes: vec![VersionedChange {
+            version: 11,
+            change: Change::Contacts(contacts),
+        }],
+    };
+    let (meta, bytes) = s.feed.delta(1, 10, 11, t0(), &body);
+    s.agent.apply_delta(&cp, &meta, &bytes).unwrap();
+    assert_eq!(s.agent.state().unwrap().data, Some((1, 11)));
+    let r = s
+        .agent
+        .lookup(LookupInput {
+            nhs_number: &subject.to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(r.result, LookupResult::Flagged);
+    let held = s
+        .data
+        .flags
+        .iter()
+        .filter(|f| f.nhs_number == subject)
+        .count();
+    assert_eq!(r.flags.len(), held);
 }

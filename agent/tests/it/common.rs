@@ -112,6 +112,7 @@ impl Feed {
         let body = SnapshotBody {
             councils: councils.to_vec(),
             flags: flags.to_vec(),
+            contacts: vec![],
         };
         let (bytes, info) = encode_body(&body, 3).unwrap();
         let meta = SnapshotMeta {

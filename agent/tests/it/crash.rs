@@ -53,7 +53,9 @@ fn check_consistent(
         })
         .unwrap();
     match st.version {
-        v if v == Some(new) => {
+        // Versions after `new` only add recent-contact changes (the lookups made by these
+        // checks are flagged and reach the server as events): the same flags as `new`.
+        v if v.is_some_and(|v| v >= new) => {
             assert_eq!(st.subjects, u64::from(BIG));
             assert_eq!(probe.result, LookupResult::Flagged);
             assert_eq!(old_probe.result, LookupResult::Flagged);
@@ -177,9 +179,8 @@ async fn killed_mid_sync_leaves_old_or_new() {
                 .await
                 .unwrap();
             drop(agent);
-            assert_eq!(
-                check_consistent(&dir, old, new_version, probe),
-                Some(new_version)
+            assert!(
+                check_consistent(&dir, old, new_version, probe).is_some_and(|v| v >= new_version)
             );
             let _ = std::fs::remove_dir_all(&dir);
         }

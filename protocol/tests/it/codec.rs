@@ -1,13 +1,13 @@
 //! Encode/decode round trips and single-bit tamper detection.
 
 use cpis_protocol::{
-    Checkpoint, FlagRecord, Policy, SignedMessage, SigningKey, SnapshotBody, SnapshotMeta,
-    VerifyError, encode_body,
+    Change, Checkpoint, DeltaBody, FlagRecord, Policy, SignedMessage, SigningKey, SnapshotBody,
+    SnapshotMeta, VerifyError, VersionedChange, encode_body,
 };
 use proptest::prelude::*;
 use rand::SeedableRng;
 
-use crate::{arb_flag, council_info, region, t0};
+use crate::{arb_contacts, arb_flag, council_info, region, t0};
 
 fn key(seed: u64) -> SigningKey {
     SigningKey::generate(&mut rand::rngs::StdRng::seed_from_u64(seed))
@@ -38,13 +38,35 @@ proptest! {
     }
 
     #[test]
-    fn body_round_trips(flags in prop::collection::vec(arb_flag(), 0..40)) {
-        let body = SnapshotBody { councils: vec![council_info("E0601")], flags };
+    fn body_round_trips(
+        flags in prop::collection::vec(arb_flag(), 0..40),
+        contacts in prop::collection::vec(arb_contacts(), 0..4),
+    ) {
+        let body = SnapshotBody { councils: vec![council_info("E0601")], flags, contacts };
         let (bytes, info) = encode_body(&body, 3).unwrap();
         prop_assert_eq!(info.open::<SnapshotBody>(&bytes).unwrap(), body.clone());
         let (again, info2) = encode_body(&body, 3).unwrap();
         prop_assert_eq!(again, bytes);
         prop_assert_eq!(info2, info);
+    }
+
+    #[test]
+    fn delta_with_every_change_kind_round_trips(
+        flag in arb_flag(),
+        contacts in arb_contacts(),
+    ) {
+        let body = DeltaBody {
+            councils: vec![council_info("E0601")],
+            changes: vec![
+                VersionedChange { version: 1, change: Change::Upsert(flag.clone()) },
+                VersionedChange { version: 2, change: Change::Contacts(contacts.clone()) },
+                VersionedChange { version: 3, change: Change::Remove(flag.key()) },
+            ],
+        };
+        let (bytes, info) = encode_body(&body, 3).unwrap();
+        prop_assert_eq!(info.open::<DeltaBody>(&bytes).unwrap(), body);
+        let json = serde_json::to_string(&contacts).unwrap();
+        prop_assert_eq!(serde_json::from_str::<cpis_protocol::SubjectContacts>(&json).unwrap(), contacts);
     }
 
     #[test]
@@ -74,7 +96,7 @@ proptest! {
     /// Any single-bit change in a body is caught by its signed digest.
     #[test]
     fn any_bit_flip_in_a_body_is_rejected(flags in prop::collection::vec(arb_flag(), 1..20), bit in 0usize..1_000_000) {
-        let body = SnapshotBody { councils: vec![council_info("E0601")], flags };
+        let body = SnapshotBody { councils: vec![council_info("E0601")], flags, contacts: vec![] };
         let (mut bytes, info) = encode_body(&body, 3).unwrap();
         let bit = bit % (bytes.len() * 8);
         bytes[bit / 8] ^= 1 << (bit % 8);

@@ -64,3 +64,32 @@ pub(crate) fn council_info(code: &str) -> CouncilInfo {
         office_phone: Some("01632 960002".into()),
     }
 }
+
+pub(crate) fn arb_contacts() -> impl Strategy<Value = cpis_protocol::SubjectContacts> {
+    use cpis_protocol::{CareSetting, Organisation, RecentContact};
+    let contact = (
+        arb_date(),
+        "[A-Z][A-Z0-9]{2,4}",
+        "[A-Za-z ]{0,20}",
+        prop::sample::select(vec![
+            CareSetting::Ambulance,
+            CareSetting::EmergencyDepartment,
+            CareSetting::UrgentTreatmentCentre,
+            CareSetting::Other,
+        ]),
+    )
+        .prop_map(|(date, ods, name, setting)| RecentContact {
+            date,
+            organisation: Organisation {
+                ods: ods.parse().unwrap(),
+                name,
+            },
+            setting,
+        });
+    (arb_nhs(), prop::collection::vec(contact, 0..=25)).prop_map(|(nhs_number, contacts)| {
+        cpis_protocol::SubjectContacts {
+            nhs_number,
+            contacts,
+        }
+    })
+}

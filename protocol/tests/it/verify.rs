@@ -187,6 +187,7 @@ fn oversize_truncated_and_digest() {
     let body = SnapshotBody {
         councils: vec![council_info("E0601")],
         flags: vec![],
+        contacts: vec![],
     };
     let (bytes, info) = encode_body(&body, 3).unwrap();
     let mut longer = bytes.clone();

@@ -21,12 +21,12 @@ use uuid::Uuid;
 
 use super::{
     AuditEntry, DeviceRecord, EventId, EventIngest, IngestOutcome, LogRetention, MailboxStats,
-    NationalLookup, NewDevice, NewEnrolmentToken, RegionChanges, RegionHead, RegionRecord, Store,
-    StoreError, StoredEvent, TokenRefusal, TrustRecord, UploadOutcome,
+    NationalLookup, NewDevice, NewEnrolmentToken, RegionChanges, RegionHead, RegionRecord,
+    RegionSnapshot, Store, StoreError, StoredEvent, TokenRefusal, TrustRecord, UploadOutcome,
 };
 use crate::reconcile;
-use cpis_protocol::RecentContact;
 use cpis_protocol::mailbox::{Notification, NotificationId};
+use cpis_protocol::{RecentContact, SubjectContacts};
 
 mod events;
 
@@ -338,6 +338,9 @@ fn date_text(d: NaiveDate) -> String {
     d.format("%Y-%m-%d").to_string()
 }
 
+/// The change-log op of a subject's recent-contacts change.
+const OP_CONTACTS: &str = "contacts";
+
 const FLAG_COLS: &str =
     "council, nhs_number, plan_type, start_date, end_date, date_of_birth, local_id";
 
@@ -547,6 +550,12 @@ fn record_changes(
                     reason,
                     ts(now)
                 ])?;
+            }
+            Change::Contacts(_) => {
+                // Recorded per council by event ingest, never from an upload or purge.
+                return Err(StoreError::Task(
+                    "a contacts change cannot be recorded as a flag change".into(),
+                ));
             }
         }
     }
@@ -932,19 +941,30 @@ impl Store for SqliteStore {
     fn region_snapshot(
         &self,
         region: RegionId,
-    ) -> impl Future<Output = Result<Option<(RegionHead, Vec<FlagRecord>)>, StoreError>> + Send
-    {
+    ) -> impl Future<Output = Result<Option<RegionSnapshot>, StoreError>> + Send {
         self.read(move |c| {
             let tx = c.unchecked_transaction()?;
             let Some(head) = region_head(&tx, &region)? else {
                 return Ok(None);
             };
             let mut flags = Vec::new();
+            let mut contacts = std::collections::BTreeMap::new();
             for council in &head.councils {
                 flags.extend(council_flags(&tx, council.code.as_str())?);
+                events::council_subject_contacts(&tx, council.code.as_str(), &mut contacts)?;
             }
             tx.finish()?;
-            Ok(Some((head, flags)))
+            Ok(Some(RegionSnapshot {
+                head,
+                flags,
+                contacts: contacts
+                    .into_iter()
+                    .map(|(nhs_number, contacts)| SubjectContacts {
+                        nhs_number,
+                        contacts,
+                    })
+                    .collect(),
+            }))
         })
     }
 
@@ -958,7 +978,7 @@ impl Store for SqliteStore {
             let Some(head) = region_head(&tx, &region)? else {
                 return Ok(None);
             };
-            let mut changes = Vec::new();
+            let mut changes: Vec<VersionedChange> = Vec::new();
             if from >= head.floor && from < head.version {
                 let scope: BTreeSet<&str> = head.councils.iter().map(|c| c.code.as_str()).collect();
                 let mut stmt = tx.prepare_cached(
@@ -967,12 +987,45 @@ impl Store for SqliteStore {
                      ORDER BY version",
                 )?;
                 let mut rows = stmt.query(params![from as i64, head.version as i64])?;
+                // A subject's contact changes collapse into its latest one.
+                let mut latest_contacts: std::collections::HashMap<NhsNumber, usize> =
+                    std::collections::HashMap::new();
+                let mut superseded = BTreeSet::new();
                 while let Some(row) = rows.next()? {
                     let council: String = row.get(1)?;
-                    if scope.contains(council.as_str()) {
+                    if !scope.contains(council.as_str()) {
+                        continue;
+                    }
+                    let op: String = row.get(4)?;
+                    if op == OP_CONTACTS {
+                        let nhs_number = nhs(row, 2)?;
+                        if let Some(earlier) = latest_contacts.insert(nhs_number, changes.len()) {
+                            superseded.insert(earlier);
+                        }
+                        changes.push(VersionedChange {
+                            version: row.get::<_, i64>(0)? as u64,
+                            change: Change::Contacts(SubjectContacts {
+                                nhs_number,
+                                contacts: Vec::new(),
+                            }),
+                        });
+                    } else {
                         changes.push(change_from_row(row)?);
                     }
                 }
+                drop(rows);
+                drop(stmt);
+                let mut kept = Vec::with_capacity(changes.len() - superseded.len());
+                for (i, mut vc) in changes.into_iter().enumerate() {
+                    if superseded.contains(&i) {
+                        continue;
+                    }
+                    if let Change::Contacts(sc) = &mut vc.change {
+                        sc.contacts = events::contacts(&tx, sc.nhs_number)?;
+                    }
+                    kept.push(vc);
+                }
+                changes = kept;
             }
             tx.finish()?;
             Ok(Some(RegionChanges { head, changes }))
@@ -1154,6 +1207,10 @@ impl Store for SqliteStore {
         nhs_number: NhsNumber,
     ) -> impl Future<Output = Result<NationalLookup, StoreError>> + Send {
         self.read(move |c| events::national_lookup(c, nhs_number))
+    }
+
+    fn purge_orphan_contacts(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.write(events::purge_orphan_contacts)
     }
 
     fn recent_contacts(

@@ -424,3 +424,115 @@ async fn enrolment_refuses_bad_tokens_and_csrs() {
     assert_eq!(env.store().devices().await.unwrap().len(), 1);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn recent_contacts_travel_in_the_holding_regions_snapshots_and_deltas() {
+    use cpis_protocol::PlanType::Cpp;
+    use cpis_protocol::SubjectContacts;
+    use cpis_protocol::confirm::{self, ConfirmRequest};
+
+    let env = Env::start().await;
+    env.seed().await;
+    let (leics, notts, lancs) = (
+        env.council_token(LEICS).await,
+        env.council_token(NOTTS).await,
+        env.council_token(LANCS).await,
+    );
+    // Subject 1 is flagged by both EM councils; subject 2 by Lancashire (NW).
+    env.upload(&leics, LEICS, &csv(&[(1, "CPP", "2024-01-01", "")]))
+        .await;
+    env.upload(&notts, NOTTS, &csv(&[(1, "LAC", "2024-01-01", "")]))
+        .await;
+    env.upload(&lancs, LANCS, &csv(&[(2, "CPP", "2024-01-01", "")]))
+        .await;
+    let em = env.enrol(EM).await;
+    let nw = env.enrol(NW).await;
+    let em0 = checkpoint(&env, &em).await.head_version;
+    let nw0 = checkpoint(&env, &nw).await.head_version;
+
+    // A flagged lookup of subject 1 in EM: one contacts change in EM's delta (the two
+    // councils' entries collapse into one), none in NW's.
+    let seen = em.event(1, t0() - Duration::hours(3), &[LEICS, NOTTS], &[Cpp]);
+    em.send_events(&env, std::slice::from_ref(&seen)).await;
+    let em1 = checkpoint(&env, &em).await.head_version;
+    let global = env.store().head_version().await.unwrap();
+    assert_eq!(
+        (em0, em1, global),
+        (2, 5, 5),
+        "one entry per council holding the subject (versions 4 and 5)"
+    );
+    assert_eq!(checkpoint(&env, &nw).await.head_version, nw0);
+    assert_eq!(delta(&env, &nw, nw0).await.status(), 204);
+    let (meta, body) = open_delta(&em, delta(&env, &em, em0).await).await;
+    assert_eq!(meta.change_count, 1);
+    let Change::Contacts(SubjectContacts {
+        nhs_number,
+        contacts,
+    }) = &body.changes[0].change
+    else {
+        panic!("expected a contacts change, got {:?}", body.changes[0]);
+    };
+    assert_eq!(*nhs_number, nhs(1));
+    assert_eq!(contacts.len(), 1);
+    assert_eq!(contacts[0].date, (t0() - Duration::hours(3)).date_naive());
+    assert_eq!(contacts[0].organisation.name, "East Midlands Ambulance");
+    assert_eq!(body.changes[0].version, em1);
+
+    // The snapshot carries them for the subject it holds.
+    let (smeta, sbody) = snapshot(&env, &em).await;
+    assert_eq!(smeta.version, em1);
+    assert_eq!(
+        sbody.contacts,
+        vec![SubjectContacts {
+            nhs_number: nhs(1),
+            contacts: contacts.clone()
+        }]
+    );
+    let (_, nw_body) = snapshot(&env, &nw).await;
+    assert!(nw_body.contacts.is_empty());
+
+    // A replay, or a lookup that was no match, changes nothing.
+    em.send_events(&env, &[seen, em.event(1, t0(), &[], &[])])
+        .await;
+    assert_eq!(checkpoint(&env, &em).await.head_version, em1);
+
+    // An EM tablet confirming subject 2 online: NW, which holds it, gets the contact.
+    let r = em
+        .client
+        .post(env.url(confirm::PATH))
+        .json(&ConfirmRequest {
+            event: em.event(2, t0(), &[], &[]),
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(checkpoint(&env, &em).await.head_version, em1);
+    let (_, nw_delta) = open_delta(&nw, delta(&env, &nw, nw0).await).await;
+    assert!(matches!(
+        &nw_delta.changes[..],
+        [cpis_protocol::VersionedChange { change: Change::Contacts(sc), .. }]
+            if sc.nhs_number == nhs(2) && sc.contacts.len() == 1
+    ));
+
+    // Once no council flags subject 2, maintenance drops its contacts.
+    let r = env
+        .client()
+        .post(env.url(&format!("/v1/councils/{LANCS}/uploads?allow_empty=true")))
+        .bearer_auth(&lancs)
+        .body(HEADER.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(env.store().purge_orphan_contacts().await.unwrap(), 1);
+    assert!(
+        env.store()
+            .recent_contacts(nhs(2))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(env.store().recent_contacts(nhs(1)).await.unwrap().len(), 1);
+    env.stop().await;
+}

@@ -12,8 +12,9 @@ use cpis_protocol::{
     MAX_RECENT_CONTACTS, NhsNumber, Organisation, PlanType, RecentContact,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
+use std::collections::BTreeMap;
 
-use super::{bad, nhs, opt_date, parse_col};
+use super::{OP_CONTACTS, bad, head_version, nhs, opt_date, parse_col, set_head_version, ts};
 use crate::store::{
     AuditEntry, EventIngest, EventSource, IngestOutcome, MailboxStats, NationalLookup, StoreError,
     StoredEvent,
@@ -321,6 +322,9 @@ pub(super) fn ingest(
                     .query_row(params![nhs_value, id], |_| Ok(()))
                     .optional()?
                     .is_some();
+                if contacts_changed {
+                    record_contacts_change(conn, e.nhs_number, at)?;
+                }
             }
         }
         outcomes.push(IngestOutcome {
@@ -334,6 +338,78 @@ pub(super) fn ingest(
     Ok(outcomes)
 }
 
+/// Records that a subject's contacts changed: one change-log entry (the next version) per
+/// council holding a flag for it, so every region holding the subject carries the change.
+fn record_contacts_change(
+    conn: &Connection,
+    nhs_number: NhsNumber,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let mut holders = conn.prepare_cached(
+        "SELECT DISTINCT council FROM flags WHERE nhs_number = ?1 ORDER BY council",
+    )?;
+    let councils = holders
+        .query_map([nhs_number.as_u64() as i64], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    if councils.is_empty() {
+        return Ok(());
+    }
+    let mut log = conn.prepare_cached(
+        "INSERT INTO changes (version, council, nhs_number, plan_type, op, reason, recorded_at) \
+         VALUES (?1, ?2, ?3, '', ?4, 'contacts', ?5)",
+    )?;
+    let mut version = head_version(conn)?;
+    for council in councils {
+        version += 1;
+        log.execute(params![
+            version as i64,
+            council,
+            nhs_number.as_u64() as i64,
+            OP_CONTACTS,
+            ts(now)
+        ])?;
+    }
+    set_head_version(conn, version)?;
+    Ok(())
+}
+
+/// Adds the recent contacts of one council's flagged subjects to `out` (snapshots).
+pub(super) fn council_subject_contacts(
+    conn: &Connection,
+    council: &str,
+    out: &mut BTreeMap<NhsNumber, Vec<RecentContact>>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT nhs_number, accessed_at, trust, trust_name, setting FROM contacts \
+         WHERE nhs_number IN (SELECT nhs_number FROM flags WHERE council = ?1) \
+         ORDER BY nhs_number, accessed_at DESC, event_id DESC",
+    )?;
+    let mut rows = stmt.query([council])?;
+    let mut read: BTreeMap<NhsNumber, Vec<RecentContact>> = BTreeMap::new();
+    while let Some(r) = rows.next()? {
+        let subject = nhs(r, 0)?;
+        // A subject already read through another council of the region is the same list.
+        if !out.contains_key(&subject) {
+            read.entry(subject)
+                .or_default()
+                .push(contact_from_row(r, 1)?);
+        }
+    }
+    out.extend(read);
+    Ok(())
+}
+
+fn contact_from_row(r: &Row<'_>, at: usize) -> Result<RecentContact, rusqlite::Error> {
+    Ok(RecentContact {
+        date: from_ms(at, r.get(at)?)?.date_naive(),
+        organisation: Organisation {
+            ods: parse_col(r, at + 1)?,
+            name: r.get(at + 2)?,
+        },
+        setting: setting_from(r, at + 3)?,
+    })
+}
+
 /// A subject's recent contacts, newest first.
 pub(super) fn contacts(
     conn: &Connection,
@@ -345,16 +421,7 @@ pub(super) fn contacts(
     )?;
     let rows = stmt.query_map(
         params![nhs_number.as_u64() as i64, MAX_RECENT_CONTACTS as i64],
-        |r| {
-            Ok(RecentContact {
-                date: from_ms(0, r.get(0)?)?.date_naive(),
-                organisation: Organisation {
-                    ods: parse_col(r, 1)?,
-                    name: r.get(2)?,
-                },
-                setting: setting_from(r, 3)?,
-            })
-        },
+        |r| contact_from_row(r, 0),
     )?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -576,4 +643,14 @@ pub(super) fn audit_entries(
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Deletes the contacts of subjects no council flags any more.
+pub(super) fn purge_orphan_contacts(conn: &Connection) -> Result<u64, StoreError> {
+    let n = conn.execute(
+        "DELETE FROM contacts WHERE NOT EXISTS \
+         (SELECT 1 FROM flags WHERE flags.nhs_number = contacts.nhs_number)",
+        [],
+    )?;
+    Ok(n as u64)
 }
