@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use cpis_fixtures::Directory;
 use cpis_protocol::api::UploadReceipt;
+use cpis_protocol::mailbox::{
+    self, AckRequest, AckResponse, Notification, NotificationId, NotificationPage,
+};
 use cpis_protocol::{CouncilCode, FlagRecord, RegionId, TrustCode};
 
 use super::process::{self, Cmd, Running};
@@ -392,4 +395,86 @@ impl CouncilClient {
         }
         serde_json::from_str(&text).context("reading the upload receipt")
     }
+
+    /// One page of the council's unacknowledged notifications.
+    pub async fn notifications_page(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> anyhow::Result<NotificationPage> {
+        let mut url = format!(
+            "{}{}?limit={limit}",
+            self.base,
+            mailbox::notifications_path(self.ods.as_str())
+        );
+        if let Some(cursor) = after {
+            url.push_str("&after=");
+            url.push_str(cursor);
+        }
+        let r = self
+            .http
+            .get(url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("listing council {}'s notifications", self.ods))?;
+        json(r).await
+    }
+
+    /// Every unacknowledged notification, following the cursor to the end.
+    pub async fn notifications(&self) -> anyhow::Result<Vec<Notification>> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        // Bounded: 1,000 pages of the largest size.
+        for _ in 0..1_000 {
+            let page = self
+                .notifications_page(cursor.as_deref(), mailbox::MAX_LIMIT)
+                .await?;
+            all.extend(page.notifications);
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(all),
+            }
+        }
+        bail!(
+            "council {}'s mailbox did not end within 1,000 pages",
+            self.ods
+        )
+    }
+
+    /// Acknowledges notifications; returns how many left the mailbox now.
+    pub async fn ack(&self, ids: &[NotificationId]) -> anyhow::Result<u64> {
+        let mut acknowledged = 0;
+        for chunk in ids.chunks(mailbox::MAX_LIMIT as usize) {
+            let r = self
+                .http
+                .post(format!(
+                    "{}{}",
+                    self.base,
+                    mailbox::ack_path(self.ods.as_str())
+                ))
+                .bearer_auth(&self.token)
+                .json(&AckRequest {
+                    ids: chunk.to_vec(),
+                })
+                .send()
+                .await
+                .with_context(|| format!("acknowledging council {}'s notifications", self.ods))?;
+            acknowledged += json::<AckResponse>(r).await?.acknowledged;
+        }
+        Ok(acknowledged)
+    }
+}
+
+/// A JSON body of a successful answer, or an error quoting the status and body.
+async fn json<T: serde::de::DeserializeOwned>(r: reqwest::Response) -> anyhow::Result<T> {
+    let status = r.status();
+    let text = r.text().await.context("reading the answer")?;
+    if !status.is_success() {
+        bail!(
+            "answered {status}: {}",
+            text.chars().take(500).collect::<String>()
+        );
+    }
+    serde_json::from_str(&text).with_context(|| format!("reading {text}"))
 }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use cpis_field_tests::harness::{CouncilClient, ServerProcess, Tablet};
 use cpis_fixtures::{Config, Dataset};
-use cpis_protocol::{CouncilCode, FlagRecord, NhsNumber, RegionId, TrustCode};
+use cpis_protocol::local::LookupResponse;
+use cpis_protocol::{
+    CouncilCode, EventId, FlagRecord, LookupResult, NhsNumber, PlanType, RegionId, TrustCode,
+};
 use rand::SeedableRng as _;
 use rand::seq::SliceRandom as _;
 use rand_chacha::ChaCha8Rng;
@@ -22,6 +25,9 @@ pub(crate) fn seed(scenario: &str) -> u64 {
     seed
 }
 
+/// Set to keep each scenario's directory (server data, logs, tablets) for inspection.
+const KEEP_ENV: &str = "CPIS_FIELD_KEEP";
+
 /// A running server with one region's flags uploaded.
 pub(crate) struct Field {
     pub(crate) dir: TempDir,
@@ -34,6 +40,8 @@ pub(crate) struct Field {
     pub(crate) councils: BTreeMap<CouncilCode, CouncilClient>,
     /// The version after the last upload.
     pub(crate) head: u64,
+    /// Every upload the server acknowledged, in order.
+    pub(crate) uploads: Vec<Published>,
     pub(crate) seed: u64,
 }
 
@@ -42,7 +50,11 @@ impl Field {
     /// in all, generated from `seed` as of today (the server refuses future start dates and
     /// plans ended over 12 months ago, so fixtures must describe today).
     pub(crate) async fn start(seed: u64, flags: usize) -> Field {
-        let dir = TempDir::new().unwrap();
+        let mut dir = TempDir::new().unwrap();
+        if std::env::var_os(KEEP_ENV).is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("[field] keeping {}", dir.path().display());
+        }
         let as_of = chrono::Utc::now().date_naive();
         let config = Config::new(seed, as_of).with_regions(2).with_councils(4);
         let directory = cpis_fixtures::Directory::generate(&config).unwrap();
@@ -63,6 +75,7 @@ impl Field {
             lists: BTreeMap::new(),
             councils: BTreeMap::new(),
             head: 0,
+            uploads: Vec::new(),
             seed,
         };
         for (code, list) in &dataset.flags_by_council {
@@ -84,7 +97,37 @@ impl Field {
             .unwrap_or_else(|e| panic!("upload for {code} (seed {}): {e:#}", self.seed));
         self.lists.insert(code.clone(), list);
         self.head = self.head.max(receipt.version);
+        let c = &receipt.counts;
+        self.uploads.push(Published {
+            version: receipt.version,
+            changes: c.added + c.updated + c.ended + c.removed,
+            expected: self.expected(),
+        });
         receipt.version
+    }
+
+    /// What a tablet at version `v` must hold. The server also makes versions of its own
+    /// (recent-contact changes after lookups, purges), which do not change flags: a tablet at
+    /// `v` must hold the flags of the last upload at or before `v`, and `v` must not fall
+    /// inside an upload's block of changes (that would be a half-applied upload).
+    pub(crate) fn expected_at(&self, v: u64) -> Result<&Expected, String> {
+        if let Some(u) = self
+            .uploads
+            .iter()
+            .find(|u| u.changes > 0 && u.version - u.changes < v && v < u.version)
+        {
+            return Err(format!(
+                "version {v} lies inside the upload of versions {}..={}",
+                u.version - u.changes + 1,
+                u.version
+            ));
+        }
+        self.uploads
+            .iter()
+            .rev()
+            .find(|u| u.version <= v)
+            .map(|u| &u.expected)
+            .ok_or_else(|| format!("version {v} is older than every upload"))
     }
 
     /// A scratch path inside the scenario's directory.
@@ -113,12 +156,30 @@ impl Field {
         Expected::of(self.lists.values().flatten())
     }
 
+    /// Notifications waiting in the councils' mailboxes.
+    pub(crate) async fn pending_notices(&self) -> usize {
+        let mut n = 0;
+        for council in self.councils.values() {
+            n += council.notifications().await.unwrap().len();
+        }
+        n
+    }
+
     /// `n` flagged NHS numbers of the current lists, chosen with the seed.
     pub(crate) fn sample_flagged(&self, n: usize) -> Vec<NhsNumber> {
         let all: Vec<NhsNumber> = self.expected().flagged.into_iter().collect();
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         all.choose_multiple(&mut rng, n).copied().collect()
     }
+}
+
+/// An acknowledged upload: the version after it, how many changes it made (the versions
+/// just before and including `version`), and what the region then held.
+#[derive(Debug, Clone)]
+pub(crate) struct Published {
+    pub(crate) version: u64,
+    pub(crate) changes: u64,
+    pub(crate) expected: Expected,
 }
 
 /// What a tablet at one version must answer.
@@ -138,5 +199,77 @@ impl Expected {
     /// Subjects (distinct NHS numbers) held, as `status` counts them.
     pub(crate) fn subjects(&self) -> u64 {
         self.flagged.len() as u64
+    }
+}
+
+/// The notices councils are owed: one per (flagged lookup, council whose flags it showed),
+/// with that council's plan types among those shown.
+#[derive(Debug, Default)]
+pub(crate) struct Notices {
+    expected: BTreeMap<CouncilCode, BTreeMap<EventId, BTreeSet<PlanType>>>,
+    pub(crate) lookups: usize,
+    pub(crate) flagged: usize,
+}
+
+impl Notices {
+    /// Records what a lookup showed.
+    pub(crate) fn record(&mut self, answer: &LookupResponse) {
+        self.lookups += 1;
+        if answer.result != LookupResult::Flagged {
+            return;
+        }
+        self.flagged += 1;
+        for f in &answer.flags {
+            self.expected
+                .entry(f.council.ods.clone())
+                .or_default()
+                .entry(answer.event_id)
+                .or_default()
+                .insert(f.plan_type);
+        }
+    }
+
+    /// Notices owed in all.
+    pub(crate) fn owed(&self) -> usize {
+        self.expected.values().map(BTreeMap::len).sum()
+    }
+
+    /// Every council's mailbox holds exactly the notices owed, each once, with the right plan
+    /// types; then they are acknowledged (and the mailbox is empty). Returns how many.
+    pub(crate) async fn check_delivered(&self, field: &Field, when: &str) -> usize {
+        let seed = field.seed;
+        let mut total = 0;
+        for (code, council) in &field.councils {
+            let got = council.notifications().await.unwrap();
+            let mut seen: BTreeMap<EventId, BTreeSet<PlanType>> = BTreeMap::new();
+            for n in &got {
+                let plans = n.plan_types.iter().copied().collect();
+                assert!(
+                    seen.insert(n.event_id, plans).is_none(),
+                    "{when}: council {code} got event {} twice (seed {seed})",
+                    n.event_id
+                );
+            }
+            let empty = BTreeMap::new();
+            let want = self.expected.get(code).unwrap_or(&empty);
+            let missing: Vec<_> = want.keys().filter(|e| !seen.contains_key(e)).collect();
+            let extra: Vec<_> = seen.keys().filter(|e| !want.contains_key(e)).collect();
+            assert!(
+                missing.is_empty() && extra.is_empty(),
+                "{when}: council {code}: {} notices missing {missing:?}, {} unexpected \
+                 {extra:?} (seed {seed})",
+                missing.len(),
+                extra.len()
+            );
+            assert_eq!(
+                &seen, want,
+                "{when}: council {code} plan types (seed {seed})"
+            );
+            let ids: Vec<_> = got.iter().map(|n| n.id).collect();
+            assert_eq!(council.ack(&ids).await.unwrap(), ids.len() as u64);
+            assert!(council.notifications().await.unwrap().is_empty());
+            total += got.len();
+        }
+        total
     }
 }

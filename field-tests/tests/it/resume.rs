@@ -63,8 +63,9 @@ async fn a_link_that_cuts_every_transfer_still_completes_the_snapshot() {
 
     // The snapshot is in and whole.
     let status = tablet.status().await.unwrap();
-    assert_eq!(status.version, Some(field.head), "seed {seed}");
-    assert_eq!(status.version, Some(meta.version));
+    // The server may add versions of its own (recent contacts), never below the last upload.
+    assert!(status.version >= Some(field.head), "seed {seed}");
+    assert!(status.version >= Some(meta.version));
     assert_eq!(status.subjects, field.expected().subjects(), "seed {seed}");
     for nhs in field.sample_flagged(5) {
         let answer = tablet.lookup(&nhs).await.unwrap();

@@ -49,7 +49,7 @@ async fn enrol_and_first_snapshot_over_2g() {
         stats.bytes_up - after_enrol.bytes_up,
     );
     assert_eq!(sync.action, "snapshot");
-    assert_eq!(sync.version, Some(field.head), "seed {seed}");
+    assert!(sync.version >= Some(field.head), "seed {seed}");
     assert!(took < BOUND, "took {took:?} (seed {seed})");
     // At 50 kbit/s the bytes alone take this long: the link really was slow.
     let floor = Duration::from_secs_f64(stats.bytes_down as f64 / 6_250.0 * 0.9);
