@@ -12,6 +12,7 @@ pub mod feed;
 pub mod flag;
 pub mod ids;
 pub mod ingest;
+pub mod lifecycle;
 pub mod local;
 pub mod mailbox;
 pub mod nhs;
@@ -29,6 +30,7 @@ pub use feed::{
 };
 pub use flag::{CouncilInfo, FlagKey, FlagRecord, retained_until};
 pub use ids::{CouncilCode, DeviceId, EventId, IdError, PlanType, RegionId, TrustCode};
+pub use lifecycle::{DeviceReport, KeyChain, KeyRollover, RenewRequest, RenewResponse};
 pub use nhs::{NhsNumber, NhsNumberError};
 pub use policy::{Freshness, Policy};
 pub use signing::{MessageKind, PublicKey, Signable, SignedMessage};

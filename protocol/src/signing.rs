@@ -24,6 +24,8 @@ pub enum MessageKind {
     Checkpoint,
     SnapshotMeta,
     DeltaMeta,
+    /// A new feed signing key, vouched for by the key before it.
+    KeyRollover,
 }
 
 impl MessageKind {
@@ -32,6 +34,7 @@ impl MessageKind {
             MessageKind::Checkpoint => 1,
             MessageKind::SnapshotMeta => 2,
             MessageKind::DeltaMeta => 3,
+            MessageKind::KeyRollover => 4,
         }
     }
 
@@ -40,6 +43,7 @@ impl MessageKind {
             MessageKind::Checkpoint => "checkpoint",
             MessageKind::SnapshotMeta => "snapshot metadata",
             MessageKind::DeltaMeta => "delta metadata",
+            MessageKind::KeyRollover => "key rollover",
         }
     }
 }
@@ -146,6 +150,19 @@ impl SignedMessage {
             .map_err(|e| VerifyError::Malformed(format!("signed header is not base64url: {e}")))?;
         Self::from_bytes(&bytes)
     }
+}
+
+/// Decodes a signed message's payload WITHOUT checking the signature: only for choosing which
+/// key to verify it with (e.g. walking a key chain); never trust what it returns.
+pub(crate) fn decode_unverified<T: Signable>(msg: &SignedMessage) -> Result<T, VerifyError> {
+    if msg.kind != T::KIND {
+        return Err(VerifyError::WrongKind {
+            expected: T::KIND.name(),
+            found: msg.kind.name(),
+        });
+    }
+    postcard::from_bytes(&msg.payload)
+        .map_err(|e| VerifyError::Malformed(format!("decoding {}: {e}", msg.kind.name())))
 }
 
 /// The server's public signing key, as pinned on tablets (64 hex digits).

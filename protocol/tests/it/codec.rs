@@ -137,3 +137,64 @@ fn trailing_bytes_are_refused() {
         "malformed"
     );
 }
+
+mod key_chain {
+    use cpis_protocol::{KeyChain, KeyRollover, PublicKey, SignedMessage, VerifyError};
+
+    use super::key;
+    use crate::t0;
+
+    fn link(from: u64, to: u64) -> SignedMessage {
+        let rollover = KeyRollover {
+            previous: PublicKey::from(&key(from)),
+            next: PublicKey::from(&key(to)),
+            issued_at: t0(),
+        };
+        SignedMessage::sign(&key(from), &rollover)
+    }
+
+    #[test]
+    fn a_tablet_follows_the_chain_from_its_pinned_key() {
+        let chain = KeyChain {
+            rollovers: vec![link(10, 11), link(11, 12), link(12, 13)],
+        };
+        let bytes = postcard::to_stdvec(&chain).unwrap();
+        let chain: KeyChain = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            chain.follow(&PublicKey::from(&key(10))).unwrap(),
+            PublicKey::from(&key(13))
+        );
+        // A tablet enrolled after the first rollover starts further along.
+        assert_eq!(
+            chain.follow(&PublicKey::from(&key(12))).unwrap(),
+            PublicKey::from(&key(13))
+        );
+        // Nothing newer: the pinned key stays.
+        assert_eq!(
+            chain.follow(&PublicKey::from(&key(13))).unwrap(),
+            PublicKey::from(&key(13))
+        );
+        // A key the chain never mentions is not replaced by anything.
+        assert_eq!(
+            chain.follow(&PublicKey::from(&key(99))).unwrap(),
+            PublicKey::from(&key(99))
+        );
+    }
+
+    #[test]
+    fn a_forged_link_is_refused() {
+        // Claims to come from key 10 but is signed by an attacker's key 66.
+        let forged = KeyRollover {
+            previous: PublicKey::from(&key(10)),
+            next: PublicKey::from(&key(66)),
+            issued_at: t0(),
+        };
+        let chain = KeyChain {
+            rollovers: vec![SignedMessage::sign(&key(66), &forged)],
+        };
+        assert_eq!(
+            chain.follow(&PublicKey::from(&key(10))),
+            Err(VerifyError::BadSignature)
+        );
+    }
+}
