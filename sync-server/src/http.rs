@@ -24,6 +24,7 @@ mod council;
 mod device;
 mod error;
 mod events;
+mod lifecycle;
 mod mailbox;
 mod ops;
 
@@ -63,6 +64,18 @@ pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
             post(events::upload::<S>).layer(DefaultBodyLimit::max(max_events)),
         )
         .route(cpis_protocol::confirm::PATH, post(events::confirm::<S>))
+        .route(
+            cpis_protocol::lifecycle::paths::REPORT,
+            post(lifecycle::report::<S>),
+        )
+        .route(
+            cpis_protocol::lifecycle::paths::RENEW,
+            post(lifecycle::renew::<S>),
+        )
+        .route(
+            cpis_protocol::lifecycle::paths::KEYS,
+            get(lifecycle::keys::<S>),
+        )
         .route(paths::CHECKPOINT, get(device::checkpoint::<S>))
         .route(paths::DELTA, get(device::delta::<S>))
         .route(paths::SNAPSHOT, get(device::snapshot::<S>))

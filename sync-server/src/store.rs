@@ -11,8 +11,9 @@ use chrono::{DateTime, NaiveDate, Utc};
 use cpis_protocol::api::UploadCounts;
 use cpis_protocol::mailbox::{Notification, NotificationId};
 use cpis_protocol::{
-    AccessEvent, CouncilCode, CouncilInfo, DeviceId, EventId, FlagRecord, NhsNumber, RecentContact,
-    RegionId, SubjectContacts, TrustCode, VersionedChange,
+    AccessEvent, CouncilCode, CouncilInfo, DeviceId, DeviceReport, EventId, FlagRecord,
+    KeyRollover, NhsNumber, RecentContact, RegionId, SignedMessage, SubjectContacts, TrustCode,
+    VersionedChange,
 };
 use uuid::Uuid;
 
@@ -143,6 +144,28 @@ pub struct DeviceRecord {
     pub enrolled_at: DateTime<Utc>,
     pub last_seen: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A device's latest report, with the server's time of receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReport {
+    pub report: DeviceReport,
+    /// The server's clock when the report arrived.
+    pub received_at: DateTime<Utc>,
+}
+
+/// One row of the fleet view: a device and its latest report, if it sent one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetEntry {
+    pub device: DeviceRecord,
+    pub report: Option<StoredReport>,
+}
+
+/// A feed signing key rollover and its envelope, signed by the previous key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRolloverRecord {
+    pub rollover: KeyRollover,
+    pub signed: SignedMessage,
 }
 
 /// What the change-log pruning keeps.
@@ -484,4 +507,43 @@ pub trait Store: Send + Sync + 'static {
         &self,
         event_id: EventId,
     ) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
+
+    /// Records a device's report (replacing its previous one) with the server's receipt
+    /// time; the device's agent version becomes the reported one.
+    fn record_device_report(
+        &self,
+        id: DeviceId,
+        report: DeviceReport,
+        received_at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records a renewed client certificate's expiry; `Missing` for an unknown or revoked
+    /// device.
+    fn renew_device_certificate(
+        &self,
+        id: DeviceId,
+        expires_at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every device with its latest report, newest enrolment first.
+    fn fleet(&self) -> impl Future<Output = Result<Vec<FleetEntry>, StoreError>> + Send;
+
+    /// Appends a key rollover to the chain (already signed by `rollover.previous`). From
+    /// then on `rollover.next` is the current feed signing key. `Conflict` if that key was
+    /// already rolled to.
+    fn add_key_rollover(
+        &self,
+        record: KeyRolloverRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every key rollover, oldest first.
+    fn key_rollovers(
+        &self,
+    ) -> impl Future<Output = Result<Vec<KeyRolloverRecord>, StoreError>> + Send;
+
+    /// The current feed signing key as the chain names it (hex public key of the newest
+    /// rollover's `next`); `None` when there has been no rollover (the key made by `init`).
+    fn current_signing_key(
+        &self,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 }

@@ -20,15 +20,17 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    AuditEntry, DeviceRecord, EventId, EventIngest, IngestOutcome, LogRetention, MailboxStats,
-    NationalLookup, NewDevice, NewEnrolmentToken, RegionChanges, RegionHead, RegionRecord,
-    RegionSnapshot, Store, StoreError, StoredEvent, TokenRefusal, TrustRecord, UploadOutcome,
+    AuditEntry, DeviceRecord, EventId, EventIngest, FleetEntry, IngestOutcome, KeyRolloverRecord,
+    LogRetention, MailboxStats, NationalLookup, NewDevice, NewEnrolmentToken, RegionChanges,
+    RegionHead, RegionRecord, RegionSnapshot, Store, StoreError, StoredEvent, TokenRefusal,
+    TrustRecord, UploadOutcome,
 };
 use crate::reconcile;
 use cpis_protocol::mailbox::{Notification, NotificationId};
 use cpis_protocol::{RecentContact, SubjectContacts};
 
 mod events;
+mod lifecycle;
 
 /// The schema, one entry per migration; `user_version` counts the applied ones.
 const MIGRATIONS: &[&str] = &[
@@ -86,6 +88,7 @@ CREATE TABLE devices (
 ) STRICT;
 "#,
     events::MIGRATION,
+    lifecycle::MIGRATION,
 ];
 
 /// Jobs the writer batches into one transaction.
@@ -1262,5 +1265,45 @@ impl Store for SqliteStore {
         event_id: EventId,
     ) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send {
         self.read(move |c| events::audit_entries(c, &event_id))
+    }
+
+    fn record_device_report(
+        &self,
+        id: DeviceId,
+        report: cpis_protocol::DeviceReport,
+        received_at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(move |c| lifecycle::record_report(c, &id, &report, received_at))
+    }
+
+    fn renew_device_certificate(
+        &self,
+        id: DeviceId,
+        expires_at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(move |c| lifecycle::renew(c, &id, expires_at))
+    }
+
+    fn fleet(&self) -> impl Future<Output = Result<Vec<FleetEntry>, StoreError>> + Send {
+        self.read(lifecycle::fleet)
+    }
+
+    fn add_key_rollover(
+        &self,
+        record: KeyRolloverRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(move |c| lifecycle::add_rollover(c, &record))
+    }
+
+    fn key_rollovers(
+        &self,
+    ) -> impl Future<Output = Result<Vec<KeyRolloverRecord>, StoreError>> + Send {
+        self.read(lifecycle::rollovers)
+    }
+
+    fn current_signing_key(
+        &self,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send {
+        self.read(lifecycle::current_key)
     }
 }

@@ -13,5 +13,6 @@ mod events;
 mod feed;
 mod harness;
 mod isolation;
+mod lifecycle;
 mod mailbox;
 mod uploads;
