@@ -136,13 +136,22 @@ where
 impl Config {
     /// Loads `server.toml` from the data dir (defaults when absent), then the environment.
     pub fn load(data_dir: &Path) -> Result<Self, ConfigError> {
-        let path = data_dir.join(CONFIG_FILE);
+        Self::load_from(&data_dir.join(CONFIG_FILE), true)
+    }
+
+    /// Loads the given file (which must exist; `serve --config FILE`), then the environment.
+    pub fn load_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_from(path, false)
+    }
+
+    fn load_from(path: &Path, missing_ok: bool) -> Result<Self, ConfigError> {
+        let path = path.to_owned();
         let mut config = match std::fs::read_to_string(&path) {
             Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse {
                 path: path.clone(),
                 source,
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) if missing_ok && e.kind() == std::io::ErrorKind::NotFound => Config::default(),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
         config.apply_env(&|name| std::env::var(name).ok())?;

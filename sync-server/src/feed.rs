@@ -1,14 +1,14 @@
 //! The signed regional feed (DESIGN.md §4): checkpoints, deltas from the change log, and
 //! snapshots built once per (region, epoch, version) and kept in a memory-bounded LRU cache.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::body::Bytes;
 use chrono::{DateTime, Duration, Utc};
 use cpis_protocol::{
-    Checkpoint, DeltaBody, DeltaMeta, Policy, RegionId, SignedMessage, SigningKey, SnapshotBody,
-    SnapshotMeta, encode_body,
+    Checkpoint, DeltaBody, DeltaMeta, Policy, PublicKey, RegionId, SignedMessage, SigningKey,
+    SnapshotBody, SnapshotMeta, encode_body,
 };
 
 use crate::metrics::Metrics;
@@ -52,10 +52,14 @@ struct Cache {
     tick: u64,
 }
 
-/// Signs feed messages and caches snapshots.
+/// Signs feed messages and caches snapshots. The signing key can be replaced while serving
+/// ([`Feed::set_key`], after a rollover); every snapshot signed by the previous key is then
+/// dropped from the cache, so nothing signed by a retired key is served again.
 #[derive(Debug)]
 pub struct Feed {
-    key: SigningKey,
+    key: RwLock<SigningKey>,
+    /// When the current key was last compared with the store's key chain.
+    key_checked: Mutex<Option<DateTime<Utc>>>,
     policy: Policy,
     checkpoint_ttl: Duration,
     zstd_level: i32,
@@ -73,7 +77,8 @@ impl Feed {
         cache_bytes: usize,
     ) -> Self {
         Self {
-            key,
+            key: RwLock::new(key),
+            key_checked: Mutex::new(None),
             policy,
             checkpoint_ttl,
             zstd_level,
@@ -81,6 +86,50 @@ impl Feed {
             cache: Mutex::new(Cache::default()),
             build: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The key signing feed messages now.
+    pub fn signing_key(&self) -> SigningKey {
+        match self.key.read() {
+            Ok(k) => k.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The public half of [`Feed::signing_key`] (what enrolment pins).
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey::from(&self.signing_key())
+    }
+
+    /// Signs with `key` from now on; when it is a new key, drops every cached snapshot (they
+    /// were signed by the old one). Returns whether the key changed.
+    pub fn set_key(&self, key: SigningKey) -> bool {
+        let mut current = match self.key.write() {
+            Ok(k) => k,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.verifying_key() == key.verifying_key() {
+            return false;
+        }
+        *current = key;
+        drop(current);
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.entries.clear();
+        }
+        true
+    }
+
+    /// True (and the check time recorded) when the key was last compared with the key chain
+    /// `interval` or more before `now`, or never, or the clock went back.
+    pub fn key_check_due(&self, now: DateTime<Utc>, interval: Duration) -> bool {
+        let Ok(mut checked) = self.key_checked.lock() else {
+            return true;
+        };
+        let due = checked.is_none_or(|t| now < t || now - t >= interval);
+        if due {
+            *checked = Some(now);
+        }
+        due
     }
 
     /// The policy sent to devices.
@@ -98,7 +147,7 @@ impl Feed {
             expires_at: now + self.checkpoint_ttl,
             policy: self.policy,
         };
-        SignedMessage::sign(&self.key, &checkpoint)
+        SignedMessage::sign(&self.signing_key(), &checkpoint)
     }
 
     /// Builds, compresses and signs a snapshot of the given state (CPU only).
@@ -107,7 +156,7 @@ impl Feed {
         snapshot: RegionSnapshot,
         now: DateTime<Utc>,
     ) -> Result<BuiltSnapshot, FeedError> {
-        build_snapshot(&self.key, self.zstd_level, snapshot, now)
+        build_snapshot(&self.signing_key(), self.zstd_level, snapshot, now)
     }
 
     /// Builds and signs the delta of `changes` from `from` to the region's head.
@@ -132,7 +181,7 @@ impl Feed {
             change_count,
             body: info,
         };
-        let signed = SignedMessage::sign(&self.key, &meta);
+        let signed = SignedMessage::sign(&self.signing_key(), &meta);
         Ok(BuiltDelta {
             meta,
             header: signed.to_header(),
@@ -222,7 +271,8 @@ impl Feed {
             return Ok(Some(hit));
         }
         let started = Instant::now();
-        let key = self.key.clone();
+        let key = self.signing_key();
+        let signer = key.verifying_key();
         let level = self.zstd_level;
         let built = tokio::task::spawn_blocking(move || build_snapshot(&key, level, snapshot, now))
             .await
@@ -240,7 +290,10 @@ impl Feed {
             "built snapshot"
         );
         let built = Arc::new(built);
-        self.insert(built.clone());
+        // A rollover during the build: serve this one but never cache what the old key signed.
+        if self.signing_key().verifying_key() == signer {
+            self.insert(built.clone());
+        }
         Ok(Some(built))
     }
 }

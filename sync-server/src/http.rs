@@ -34,6 +34,8 @@ pub use error::ApiError;
 #[derive(Debug)]
 pub struct App<S> {
     pub store: S,
+    /// The data dir (keys are re-read from it after a rollover).
+    pub data_dir: std::path::PathBuf,
     pub feed: Feed,
     pub pki: Arc<Pki>,
     pub clock: Arc<dyn Clock>,

@@ -5,12 +5,15 @@
 //! (diff of a council's flags), [`feed`] (signed checkpoints, deltas, cached snapshots),
 //! [`http`] (routes, auth, errors), [`metrics`], [`server`] (init, bind/shutdown),
 //! [`pki`] (keys and certificates), [`tls`] (HTTPS serving with client identities),
-//! [`ingest`] (checks on devices' access events).
+//! [`ingest`] (checks on devices' access events), [`keys`] (feed signing key rollover),
+//! [`fleet`] (the fleet view of `admin device list`).
 pub mod clock;
 pub mod config;
 pub mod feed;
+pub mod fleet;
 pub mod http;
 pub mod ingest;
+pub mod keys;
 pub mod metrics;
 pub mod pki;
 pub mod reconcile;

@@ -13,7 +13,7 @@ use cpis_sync_server::clock::SystemClock;
 use cpis_sync_server::config::Config;
 use cpis_sync_server::server::{self, Server, ServerError};
 use cpis_sync_server::store::{NewEnrolmentToken, Store, StoreError};
-use cpis_sync_server::tokens;
+use cpis_sync_server::{keys, pki, tokens};
 
 /// CP-IS Edge central sync server: takes councils' flag lists, serves each ambulance region a
 /// signed snapshot and deltas, enrols and revokes tablets, takes tablets' access events and
@@ -40,21 +40,35 @@ enum Command {
         #[arg(long = "hostname", value_name = "NAME")]
         hostnames: Vec<String>,
     },
-    /// Serve HTTPS until SIGTERM or SIGINT (graceful shutdown). Configuration comes from
-    /// DIR/server.toml, overridden by CPIS_* environment variables.
+    /// Serve HTTPS until SIGTERM or SIGINT (graceful shutdown).
+    ///
+    /// Configuration comes from DIR/server.toml (or --config FILE), overridden by CPIS_*
+    /// environment variables. A new server certificate (`admin tls rotate-server-cert`) is
+    /// picked up at the next TLS handshake, a rolled-over signing key (`admin signing-key
+    /// roll`) within 10 seconds; neither needs a restart.
     Serve {
-        /// An initialised data dir.
+        /// An initialised data dir (database, keys, certificates).
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
+        /// Read the configuration from FILE (which must exist) instead of DIR/server.toml,
+        /// e.g. /etc/cpis/server.toml in the Debian package.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Address to listen on, e.g. 0.0.0.0:8443 (overrides server.toml and CPIS_LISTEN).
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Administer trusts, regions, councils, tokens and devices. Safe while the server runs.
+    /// Administer trusts, regions, councils, tokens, devices, keys and certificates.
+    ///
+    /// Opens the data dir's database directly; safe while the server runs.
     Admin {
         /// An initialised data dir.
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
+        /// The server's configuration file, if not DIR/server.toml (`device list` judges data
+        /// age against its policy).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         command: Admin,
     },
@@ -92,6 +106,49 @@ enum Admin {
     /// Council mailboxes of access notifications.
     #[command(subcommand)]
     Mailbox(MailboxCmd),
+    /// The Ed25519 key that signs checkpoints, snapshots and deltas.
+    #[command(subcommand)]
+    SigningKey(SigningKeyCmd),
+    /// The server's TLS certificate and the certificate authorities.
+    #[command(subcommand)]
+    Tls(TlsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SigningKeyCmd {
+    /// Roll the feed signing key over to a new one, without re-enrolling tablets.
+    ///
+    /// Makes a new Ed25519 key, signs "the next key is NEW" with the current key, adds that
+    /// to the key chain tablets fetch (GET /v1/device/keys), archives the old key under
+    /// DIR/feed-signing-keys/ (never deleted) and makes the new key current. A running
+    /// server signs with the new key within 10 seconds; tablets follow the chain from the
+    /// key they pinned at enrolment.
+    Roll,
+    /// Show the current signing key and every rollover.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCmd {
+    /// Issue a new server certificate (and key) from the existing TLS CA.
+    ///
+    /// Tablets keep working: they trust the CA, not the certificate. The files are replaced
+    /// atomically and a running server presents the new certificate from its next TLS
+    /// handshake, without a restart. The certificate is valid for 10 years.
+    RotateServerCert {
+        /// Host name or IP address the certificate is valid for; repeat for several
+        /// (localhost and 127.0.0.1 are always added). Default: the names of the current
+        /// certificate.
+        #[arg(long = "hostname", value_name = "NAME")]
+        hostnames: Vec<String>,
+    },
+    /// Show the TLS CA, server certificate and device CA with their names and expiries, and
+    /// the tablets' client certificates that expire soonest.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,18 +236,41 @@ enum CouncilCmd {
 
 #[derive(Debug, Subcommand)]
 enum DeviceCmd {
-    /// List enrolled tablets, newest first.
+    /// The fleet view: every tablet with its last contact, agent version, data version and
+    /// age, outbox depth and certificate expiry.
+    ///
+    /// Sorted with the stalest data first and revoked tablets last. STATUS is `ok`, `stale`
+    /// (data older than the policy's fresh age), `EXPIRED` (older than its expiry age:
+    /// lookups answer "unknown"), `WIPE-AGE` (older than its wipe age: the tablet has erased
+    /// its data by itself), `no-report` (the agent has not reported yet) or `revoked`.
+    /// DATA AGE is the server's time now minus the server time of the tablet's data.
     List {
-        /// Print JSON instead of a table.
+        /// Print JSON (`{"devices":[...]}`) instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a tablet: it is refused from now on and told to erase its data.
+    /// Revoke a tablet: it is refused from now on and told to erase its data at its next
+    /// contact.
     Revoke {
         /// The device id (UUID) shown by `device list`.
         #[arg(long, value_name = "ID")]
         device: DeviceId,
     },
+}
+
+/// The DNS names and addresses of the current server certificate.
+fn current_server_names(data_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let status = pki::certificate_status(data_dir)?;
+    Ok(status
+        .into_iter()
+        .find(|c| c.file == pki::SERVER_CERT_FILE)
+        .map(|c| {
+            c.names
+                .into_iter()
+                .filter(|n| !n.starts_with("CN="))
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -275,13 +355,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Serve { data_dir, listen } => serve(&data_dir, listen).await,
-        Command::Admin { data_dir, command } => admin(&data_dir, command).await,
+        Command::Serve {
+            data_dir,
+            config,
+            listen,
+        } => serve(&data_dir, config.as_deref(), listen).await,
+        Command::Admin {
+            data_dir,
+            config,
+            command,
+        } => admin(&data_dir, config.as_deref(), command).await,
     }
 }
 
-async fn serve(data_dir: &Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
-    let mut config = Config::load(data_dir)?;
+fn load_config(data_dir: &Path, config: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(match config {
+        Some(file) => Config::load_file(file)?,
+        None => Config::load(data_dir)?,
+    })
+}
+
+async fn serve(
+    data_dir: &Path,
+    config: Option<&Path>,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let mut config = load_config(data_dir, config)?;
     if let Some(listen) = listen {
         config.listen = listen;
     }
@@ -310,7 +409,7 @@ async fn serve(data_dir: &Path, listen: Option<std::net::SocketAddr>) -> anyhow:
     Ok(())
 }
 
-async fn admin(data_dir: &Path, command: Admin) -> anyhow::Result<()> {
+async fn admin(data_dir: &Path, config: Option<&Path>, command: Admin) -> anyhow::Result<()> {
     let store = server::open_store(data_dir)?;
     let now = Utc::now();
     match command {
@@ -442,47 +541,108 @@ async fn admin(data_dir: &Path, command: Admin) -> anyhow::Result<()> {
             println!("{token}");
         }
         Admin::Device(DeviceCmd::List { json }) => {
+            let policy = load_config(data_dir, config)?.policy.policy();
+            print_fleet(&store, &policy, now, json).await?;
+        }
+        Admin::SigningKey(SigningKeyCmd::Roll) => {
+            let rolled = keys::roll(data_dir, &store, now).await?;
+            println!("rolled the feed signing key over");
+            println!(
+                "  previous key: {} (archived in {})",
+                rolled.previous,
+                rolled.previous_archived.display()
+            );
+            println!("  current key:  {}", rolled.next);
+            println!(
+                "a running server signs with the new key within {} seconds; tablets follow the \
+                 key chain to it at their next sync",
+                keys::KEY_RECHECK.num_seconds()
+            );
+        }
+        Admin::SigningKey(SigningKeyCmd::Show) => {
+            let current = keys::current_key(data_dir, &store).await?;
+            println!("current key: {}", cpis_protocol::PublicKey::from(&current));
+            let chain = store.key_rollovers().await?;
+            if chain.is_empty() {
+                println!("no rollovers: the key made by init signs the feed");
+            }
+            for r in chain {
+                println!(
+                    "{}  {} -> {}",
+                    r.rollover.issued_at.format("%Y-%m-%d %H:%M:%S"),
+                    r.rollover.previous,
+                    r.rollover.next
+                );
+            }
+        }
+        Admin::Tls(TlsCmd::RotateServerCert { mut hostnames }) => {
+            if hostnames.is_empty() {
+                hostnames = current_server_names(data_dir)?;
+            }
+            let expires_at =
+                pki::rotate_server_certificate(data_dir, &hostnames).map_err(|e| match e {
+                    pki::PkiError::InvalidHostname { .. } => BadInput(e.to_string()).into(),
+                    other => anyhow::Error::from(other),
+                })?;
+            println!(
+                "issued a new server certificate for [{}] from the existing TLS CA, valid until {}",
+                hostnames.join(", "),
+                expires_at.format("%Y-%m-%d")
+            );
+            println!(
+                "a running server presents it from its next TLS handshake; tablets need no change"
+            );
+        }
+        Admin::Tls(TlsCmd::Status { json }) => {
+            let certs = pki::certificate_status(data_dir)?;
             let devices = store.devices().await?;
+            let mut active: Vec<_> = devices.iter().filter(|d| d.revoked_at.is_none()).collect();
+            active.sort_by_key(|d| d.cert_expires_at);
+            let soon = now + Duration::days(30);
             if json {
-                let list: Vec<serde_json::Value> = devices
+                let list: Vec<serde_json::Value> = certs
                     .iter()
-                    .map(|d| {
+                    .map(|c| {
                         serde_json::json!({
-                            "device_id": d.id,
-                            "trust": d.trust,
-                            "region": d.region,
-                            "name": d.name,
-                            "agent_version": d.agent_version,
-                            "enrolled_at": d.enrolled_at,
-                            "last_seen": d.last_seen,
-                            "client_cert_expires_at": d.cert_expires_at,
-                            "revoked_at": d.revoked_at,
+                            "file": c.file, "role": c.role, "names": c.names,
+                            "expires_at": c.expires_at,
                         })
                     })
                     .collect();
+                let clients: Vec<serde_json::Value> = active
+                    .iter()
+                    .map(|d| serde_json::json!({"device_id": d.id, "client_cert_expires_at": d.cert_expires_at}))
+                    .collect();
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({ "devices": list }))?
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "certificates": list,
+                        "client_certificates": clients,
+                    }))?
                 );
             } else {
-                println!("DEVICE\tTRUST\tREGION\tNAME\tENROLLED\tLAST SEEN\tSTATUS");
-                for d in devices {
+                println!("FILE\tEXPIRES\tWHAT\tNAMES");
+                for c in certs {
                     println!(
-                        "{}\t{}\t{}\t{}\t{}\t{}\t{}",
-                        d.id,
-                        d.trust,
-                        d.region,
-                        d.name.as_deref().unwrap_or("-"),
-                        d.enrolled_at.format("%Y-%m-%d %H:%M"),
-                        d.last_seen.map_or_else(
-                            || "never".to_owned(),
-                            |t| t.format("%Y-%m-%d %H:%M").to_string()
-                        ),
-                        if d.revoked_at.is_some() {
-                            "revoked"
-                        } else {
-                            "active"
-                        }
+                        "{}\t{}\t{}\t{}",
+                        c.file,
+                        c.expires_at.format("%Y-%m-%d %H:%M"),
+                        c.role,
+                        c.names.join(", ")
+                    );
+                }
+                let expiring = active.iter().filter(|d| d.cert_expires_at < soon).count();
+                println!(
+                    "client certificates: {} active tablets; {} expire within 30 days \
+                     (agents renew them before expiry)",
+                    active.len(),
+                    expiring
+                );
+                if let Some(first) = active.first() {
+                    println!(
+                        "  soonest: {} expires {}",
+                        first.id,
+                        first.cert_expires_at.format("%Y-%m-%d %H:%M")
                     );
                 }
             }
@@ -534,6 +694,106 @@ async fn admin(data_dir: &Path, command: Admin) -> anyhow::Result<()> {
                 println!("device {device} was already revoked");
             }
         }
+    }
+    Ok(())
+}
+
+/// `admin device list`: the fleet view as a table or JSON.
+async fn print_fleet(
+    store: &impl Store,
+    policy: &cpis_protocol::Policy,
+    now: chrono::DateTime<Utc>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use cpis_sync_server::fleet::{self, format_age};
+    let rows = fleet::view(store.fleet().await?, policy, now);
+    let fmt = |t: Option<chrono::DateTime<Utc>>| {
+        t.map_or_else(
+            || "-".to_owned(),
+            |t| t.format("%Y-%m-%d %H:%M").to_string(),
+        )
+    };
+    if json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let d = &r.entry.device;
+                let rep = r.entry.report.as_ref().map(|s| &s.report);
+                serde_json::json!({
+                    "device_id": d.id,
+                    "name": d.name,
+                    "trust": d.trust,
+                    "region": d.region,
+                    "enrolled_at": d.enrolled_at,
+                    "last_seen": r.last_seen,
+                    "agent_version": d.agent_version,
+                    "data_epoch": rep.and_then(|p| p.data_epoch),
+                    "data_version": rep.and_then(|p| p.data_version),
+                    "data_as_of": rep.and_then(|p| p.data_as_of),
+                    "data_age_secs": r.data_age.map(|a| a.num_seconds()),
+                    "status": r.status.as_str(),
+                    "data_past_expiry": matches!(r.status, fleet::DataStatus::Expired | fleet::DataStatus::PastWipeAge),
+                    "outbox_pending": rep.map(|p| p.outbox_pending),
+                    "outbox_set_aside": rep.map(|p| p.outbox_set_aside),
+                    "reported_at": rep.map(|p| p.reported_at),
+                    "report_received_at": r.entry.report.as_ref().map(|s| s.received_at),
+                    "client_cert_expires_at": d.cert_expires_at,
+                    "revoked_at": d.revoked_at,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "devices": list }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "DEVICE\tNAME\tTRUST\tREGION\tSTATUS\tDATA AGE\tDATA VERSION\tOUTBOX (PENDING/SET ASIDE)\tAGENT\tLAST SEEN\tENROLLED\tCERT EXPIRES\tREVOKED"
+    );
+    let expired = rows
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.status,
+                fleet::DataStatus::Expired | fleet::DataStatus::PastWipeAge
+            )
+        })
+        .count();
+    for r in &rows {
+        let d = &r.entry.device;
+        let rep = r.entry.report.as_ref().map(|s| &s.report);
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            d.id,
+            d.name.as_deref().unwrap_or("-"),
+            d.trust,
+            d.region,
+            r.status.as_str(),
+            r.data_age.map_or_else(|| "-".to_owned(), format_age),
+            rep.and_then(|p| p.data_epoch.zip(p.data_version))
+                .map_or_else(|| "-".to_owned(), |(e, v)| format!("{e}/{v}")),
+            rep.map_or_else(
+                || "-".to_owned(),
+                |p| format!("{}/{}", p.outbox_pending, p.outbox_set_aside)
+            ),
+            d.agent_version,
+            r.last_seen.map_or_else(
+                || "never".to_owned(),
+                |t| t.format("%Y-%m-%d %H:%M").to_string()
+            ),
+            d.enrolled_at.format("%Y-%m-%d %H:%M"),
+            d.cert_expires_at.format("%Y-%m-%d"),
+            fmt(d.revoked_at),
+        );
+    }
+    if expired > 0 {
+        eprintln!(
+            "warning: {expired} tablet(s) hold data past the expiry age ({}): their lookups answer \"unknown\"",
+            format_age(chrono::Duration::seconds(
+                i64::try_from(policy.expiry_secs).unwrap_or(i64::MAX / 1000)
+            ))
+        );
     }
     Ok(())
 }

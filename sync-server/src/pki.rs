@@ -13,6 +13,10 @@
 //! | `tls-server-key.pem`   | server private key                                             |
 //! | `device-ca.pem`        | device CA certificate; the server trusts it for client auth    |
 //! | `device-ca-key.pem`    | device CA private key; signs tablets' client certificates      |
+//! | `feed-signing-keys/`   | every feed signing key used since the first rollover, by public key |
+//!
+//! `admin signing-key roll` and `admin tls rotate-server-cert` replace keys and certificates
+//! of a running server (see `rotation`).
 //!
 //! The two CAs are separate on purpose: a device certificate can never pass as a server
 //! certificate (tablets do not trust the device CA), and the TLS CA never vouches for a tablet.
@@ -35,10 +39,18 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData as _,
     SanType, SerialNumber,
 };
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+
+mod rotation;
+
+pub use rotation::{
+    CertStatus, ReloadingServerCert, SIGNING_KEY_ARCHIVE_DIR, archive_signing_key,
+    archived_signing_key_path, certificate_status, install_signing_key, load_archived_signing_key,
+    read_signing_key, rotate_server_certificate,
+};
 
 /// Ed25519 key that signs snapshots, deltas and checkpoints.
 pub const FEED_SIGNING_KEY_FILE: &str = "feed-signing-key.pem";
@@ -197,8 +209,9 @@ pub struct Pki {
     dir: PathBuf,
     signing_key: SigningKey,
     ca_cert_pem: String,
+    /// The server certificate chain as loaded at start (a rotated one is served by
+    /// [`ReloadingServerCert`] without updating this).
     server_chain: Vec<CertificateDer<'static>>,
-    server_key: PrivateKeyDer<'static>,
     server_cert_expires_at: DateTime<Utc>,
     device_ca_cert: CertificateDer<'static>,
     device_ca: Issuer<'static, KeyPair>,
@@ -307,7 +320,6 @@ impl Pki {
         } else if remaining < EXPIRY_WARNING {
             tracing::warn!(file = %server_path.display(), expires_at = %server_cert_expires_at, "the server certificate expires soon");
         }
-        let server_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
 
         let device_ca_path = dir.join(DEVICE_CA_CERT_FILE);
         let device_ca_pem = read_file(&device_ca_path)?;
@@ -322,7 +334,6 @@ impl Pki {
             signing_key,
             ca_cert_pem,
             server_chain,
-            server_key,
             server_cert_expires_at,
             device_ca_cert,
             device_ca,
@@ -342,6 +353,11 @@ impl Pki {
     /// Where [`Pki::create`] wrote the TLS CA certificate inside the data dir.
     pub fn ca_cert_path(dir: &Path) -> PathBuf {
         dir.join(TLS_CA_CERT_FILE)
+    }
+
+    /// The server certificate (leaf) as loaded.
+    pub fn server_certificate(&self) -> &CertificateDer<'static> {
+        &self.server_chain[0]
     }
 
     /// When the server certificate expires.
@@ -427,10 +443,11 @@ impl Pki {
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .allow_unauthenticated()
                 .build()?;
+        let resolver = Arc::new(ReloadingServerCert::new(&self.dir, provider.clone())?);
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.server_chain.clone(), self.server_key.clone_key())?;
+            .with_cert_resolver(resolver);
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }

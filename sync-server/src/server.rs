@@ -36,6 +36,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -117,8 +119,10 @@ impl Server {
                 source,
             })?;
         let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+        // The key chain, not the key file, decides which key signs (see `keys`).
+        let signing_key = crate::keys::current_key(data_dir, &store).await?;
         let feed = Feed::new(
-            pki.signing_key().clone(),
+            signing_key,
             config.policy.policy(),
             Duration::seconds(i64::try_from(config.checkpoint_ttl_secs).unwrap_or(i64::MAX / 2)),
             config.zstd_level,
@@ -126,6 +130,7 @@ impl Server {
         );
         let app = Arc::new(App {
             store: store.clone(),
+            data_dir: data_dir.to_owned(),
             feed,
             pki,
             clock,

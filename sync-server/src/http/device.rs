@@ -10,8 +10,8 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Duration;
+use cpis_protocol::DeviceId;
 use cpis_protocol::api::{EnrolRequest, EnrolResponse, codes, paths};
-use cpis_protocol::{DeviceId, PublicKey};
 use serde::Deserialize;
 
 use super::{ApiError, App};
@@ -52,6 +52,7 @@ pub(crate) async fn enrol<S: Store>(
 ) -> Result<Json<EnrolResponse>, ApiError> {
     let Json(request) = request.map_err(|e| ApiError::bad_request("bad_request", e.body_text()))?;
     let now = app.clock.now();
+    crate::keys::refresh(&app.feed, &app.data_dir, &app.store, now).await;
     let hash = tokens::hash(&request.token);
     // Refuse a bad token before looking at the CSR.
     app.store
@@ -97,7 +98,7 @@ pub(crate) async fn enrol<S: Store>(
         region: record.region,
         client_cert_pem: cert.pem,
         client_cert_expires_at: cert.expires_at,
-        signing_public_key: PublicKey::from(app.pki.signing_key()),
+        signing_public_key: app.feed.public_key(),
         policy: app.feed.policy(),
     }))
 }
@@ -137,6 +138,7 @@ impl<S: Store> FromRequestParts<Arc<App<S>>> for AuthedDevice {
             return Err(err);
         }
         let now = app.clock.now();
+        crate::keys::refresh(&app.feed, &app.data_dir, &app.store, now).await;
         if device
             .last_seen
             .is_none_or(|seen| now - seen >= TOUCH_INTERVAL)

@@ -191,3 +191,186 @@ async fn a_revoked_device_is_told_to_wipe_on_every_lifecycle_endpoint() {
         "no renewal for a revoked device"
     );
 }
+
+async fn signed(client: &reqwest::Client, env: &Env, path: &str) -> cpis_protocol::SignedMessage {
+    let r = client.get(env.url(path)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    cpis_protocol::SignedMessage::from_bytes(&r.bytes().await.unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn tablets_follow_a_rolled_over_signing_key_without_re_enrolling() {
+    use cpis_protocol::api::paths as feed;
+    use cpis_protocol::{Checkpoint, SnapshotMeta, VerifyError};
+
+    let env = Env::start().await;
+    env.seed().await;
+    let token = env.council_token(LEICS).await;
+    assert_eq!(
+        env.upload(&token, LEICS, &csv(&[(1, "CPP", "2025-01-01", "")]))
+            .await
+            .status(),
+        200
+    );
+    let device = env.enrol(EM).await;
+    let pinned = device.enrolment.signing_public_key;
+    let cp: Checkpoint = signed(&device.client, &env, feed::CHECKPOINT)
+        .await
+        .open(pinned.verifying_key())
+        .unwrap();
+    let position = cpis_protocol::Position {
+        region: cp.region.clone(),
+        data: Some((cp.epoch, cp.head_version)),
+        server_time: Some(cp.server_time),
+    };
+    // A snapshot signed by the old key sits in the cache.
+    signed(&device.client, &env, feed::SNAPSHOT)
+        .await
+        .open::<SnapshotMeta>(pinned.verifying_key())
+        .unwrap();
+
+    let rolled = cpis_sync_server::keys::roll(env.dir.path(), env.store(), env.clock_now())
+        .await
+        .unwrap();
+    assert_eq!(rolled.previous, pinned);
+    assert!(
+        env.dir
+            .path()
+            .join("feed-signing-keys")
+            .join(format!("{pinned}.pem"))
+            .exists(),
+        "the old key is archived, not deleted"
+    );
+
+    // Within the recheck interval the server notices; after it, only the new key signs.
+    env.clock
+        .advance(cpis_sync_server::keys::KEY_RECHECK + chrono::Duration::seconds(1));
+    let chain = chain(&device.client, &env).await;
+    assert_eq!(chain.rollovers.len(), 1);
+    let followed = chain.follow(&pinned).unwrap();
+    assert_eq!(followed, rolled.next);
+    let envelope = signed(&device.client, &env, feed::CHECKPOINT).await;
+    assert_eq!(
+        envelope.open::<Checkpoint>(pinned.verifying_key()),
+        Err(VerifyError::BadSignature)
+    );
+    let cp2: Checkpoint = envelope.open(followed.verifying_key()).unwrap();
+    cp2.check(&position, env.clock_now()).unwrap();
+    assert_eq!(Some((cp2.epoch, cp2.head_version)), position.data);
+    // The cached snapshot signed by the old key is not served again.
+    let meta = signed(&device.client, &env, feed::SNAPSHOT).await;
+    assert_eq!(
+        meta.open::<SnapshotMeta>(pinned.verifying_key()),
+        Err(VerifyError::BadSignature)
+    );
+    meta.open::<SnapshotMeta>(followed.verifying_key()).unwrap();
+    // A tablet enrolled now pins the new key.
+    assert_eq!(
+        env.enrol(EM).await.enrolment.signing_public_key,
+        rolled.next
+    );
+
+    // A second rollover: the chain leads from the first key to the newest, link by link.
+    let again = cpis_sync_server::keys::roll(env.dir.path(), env.store(), env.clock_now())
+        .await
+        .unwrap();
+    assert_eq!(again.previous, rolled.next);
+    env.clock
+        .advance(cpis_sync_server::keys::KEY_RECHECK + chrono::Duration::seconds(1));
+    let chain = self::chain(&device.client, &env).await;
+    assert_eq!(chain.follow(&pinned).unwrap(), again.next);
+    assert_eq!(chain.follow(&rolled.next).unwrap(), again.next);
+    signed(&device.client, &env, feed::CHECKPOINT)
+        .await
+        .open::<Checkpoint>(again.next.verifying_key())
+        .unwrap();
+
+    // A restarted server signs with the newest key too.
+    let dir = env.stop().await;
+    let env = Env::serve(dir, |_| {}).await;
+    assert_eq!(env.enrol(EM).await.enrolment.signing_public_key, again.next);
+}
+
+/// The server certificate presented in a fresh TLS handshake.
+async fn presented_certificate(env: &Env) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(env.ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let addr = env.handle.as_ref().unwrap().local_addr();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn a_rotated_server_certificate_is_served_without_a_restart() {
+    use rustls::pki_types::pem::PemObject as _;
+    let env = Env::start().await;
+    env.seed().await;
+    let device = env.enrol(EM).await;
+    let before = presented_certificate(&env).await;
+    let expires_at = cpis_sync_server::pki::rotate_server_certificate(
+        env.dir.path(),
+        &["localhost".into(), "sync.example.nhs.uk".into()],
+    )
+    .unwrap();
+    assert!(expires_at > chrono::Utc::now() + chrono::Duration::days(3000));
+    let after = presented_certificate(&env).await;
+    assert_ne!(
+        before, after,
+        "the next handshake presents the new certificate"
+    );
+    let on_disk = std::fs::read(env.dir.path().join("tls-server.pem")).unwrap();
+    let on_disk = rustls::pki_types::CertificateDer::from_pem_slice(&on_disk).unwrap();
+    assert_eq!(after, on_disk.to_vec());
+    // Tablets trust the CA, so they keep working (new connections).
+    let renewed = client(&env.ca, None);
+    assert_eq!(
+        renewed
+            .get(env.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = device
+        .client
+        .get(env.url(paths::KEYS))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let status = cpis_sync_server::pki::certificate_status(env.dir.path()).unwrap();
+    let server = status.iter().find(|c| c.file == "tls-server.pem").unwrap();
+    assert!(server.names.contains(&"sync.example.nhs.uk".to_owned()));
+    assert_eq!(server.expires_at, expires_at);
+
+    // A broken replacement (a key that does not match) is not served: the last good one is.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key_path = env.dir.path().join("tls-server-key.pem");
+    std::fs::remove_file(&key_path).unwrap();
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .unwrap();
+        f.write_all(other.serialize_pem().as_bytes()).unwrap();
+    }
+    assert_eq!(presented_certificate(&env).await, after);
+}
