@@ -156,6 +156,7 @@ fn main() {
         &keys,
         100,
         rows.iter().map(|(k, fs)| (*k, fs.as_slice())),
+        &[],
         &DataState::empty(region.clone(), Policy::default()),
     )
     .unwrap();

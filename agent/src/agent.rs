@@ -4,7 +4,9 @@
 //! Layout of a state directory:
 //! * `keys/master.key` — the device master key (0600), behind [`Keystore`];
 //! * `keys/device.key.pem` (0600), `keys/device.cert.pem`, `keys/ca.pem` — mTLS identity and
-//!   the only CA trusted for the server;
+//!   the only CA trusted for the server; during a certificate renewal also
+//!   `keys/device.key.next.pem`, `keys/device.cert.next.pem` and the commit marker
+//!   `keys/renew.commit` (see [`Agent::install_identity`]);
 //! * `enrolment.sealed` — device id, trust, region, server URL, pinned signing key, policy;
 //! * `flags.db`, `outbox.db` — see [`crate::store`];
 //! * `downloads/snapshot.sealed` — an unfinished snapshot download, sealed chunk by chunk;
@@ -12,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
@@ -19,13 +22,13 @@ use serde::{Deserialize, Serialize};
 
 use cpis_protocol::{
     Change, Checkpoint, DeltaBody, DeltaMeta, DeviceId, FlagRecord, NhsNumber, NhsNumberError,
-    Policy, Position, PublicKey, RegionId, SignedMessage, SnapshotBody, SnapshotMeta, TrustCode,
-    VerifyError,
+    Policy, Position, PublicKey, RecentContact, RegionId, SignedMessage, SnapshotBody,
+    SnapshotMeta, TrustCode, VerifyError,
 };
 
 use crate::clock::Clock;
 use crate::keystore::{FileKeystore, KeyError, Keys, Keystore, shred_file, write_private};
-use crate::store::{DataState, FlagDb, Outbox, StoreError};
+use crate::store::{ContactsRow, DataState, FlagDb, Outbox, StoreError};
 
 /// What went wrong in an agent operation.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +144,18 @@ impl StateDir {
     pub fn downloads(&self) -> PathBuf {
         self.root.join("downloads")
     }
+    /// A renewed private key, before it is committed.
+    pub fn next_device_key(&self) -> PathBuf {
+        self.keys_dir().join("device.key.next.pem")
+    }
+    /// A renewed certificate, before it is committed.
+    pub fn next_device_cert(&self) -> PathBuf {
+        self.keys_dir().join("device.cert.next.pem")
+    }
+    /// Present while a renewed identity is being moved into place.
+    pub fn renew_commit(&self) -> PathBuf {
+        self.keys_dir().join("renew.commit")
+    }
     pub fn keystore(&self) -> FileKeystore {
         FileKeystore::in_state_dir(&self.root)
     }
@@ -162,7 +177,10 @@ impl VerifiedCheckpoint {
 pub struct Agent {
     pub(crate) dir: StateDir,
     pub(crate) keys: Keys,
-    pub(crate) enrolment: Enrolment,
+    /// The enrolment; the pinned signing key and certificate expiry change over its life.
+    enrolment: Mutex<Enrolment>,
+    /// Set when the device has crypto-shredded itself: nothing is answered from then on.
+    shredded: AtomicBool,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) flags: Mutex<FlagDb>,
     pub(crate) outbox: Mutex<Outbox>,
@@ -228,6 +246,7 @@ impl Agent {
             Err(e) => return Err(io_err(&sd.enrolment())(e)),
         };
         let keys = sd.keystore().load()?.derive();
+        recover_identity(&sd)?;
         let plain = keys.meta.open(&sealed, ENROLMENT_AAD)?;
         let enrolment: Enrolment = serde_json::from_slice(&plain)
             .map_err(|e| AgentError::Store(StoreError::Corrupt(e.to_string())))?;
@@ -236,7 +255,8 @@ impl Agent {
         Ok(Self {
             dir: sd,
             keys,
-            enrolment,
+            enrolment: Mutex::new(enrolment),
+            shredded: AtomicBool::new(false),
             clock,
             flags: Mutex::new(flags),
             outbox: Mutex::new(outbox),
@@ -244,8 +264,97 @@ impl Agent {
         })
     }
 
-    pub fn enrolment(&self) -> &Enrolment {
-        &self.enrolment
+    /// The enrolment as it stands (pinned key and certificate expiry may have moved on).
+    pub fn enrolment(&self) -> Enrolment {
+        lock(&self.enrolment).clone()
+    }
+
+    /// The key that must sign every checkpoint, snapshot and delta.
+    pub fn pinned_key(&self) -> PublicKey {
+        lock(&self.enrolment).signing_key
+    }
+
+    /// Refuses everything once the device has shredded itself.
+    pub fn check_live(&self) -> Result<(), AgentError> {
+        if self.shredded.load(Ordering::SeqCst) {
+            return Err(AgentError::NotEnrolled(
+                "this device's data has been shredded (revoked or wiped); enrol it again".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether this device has crypto-shredded itself.
+    pub fn is_shredded(&self) -> bool {
+        self.shredded.load(Ordering::SeqCst)
+    }
+
+    /// Crypto-shreds this device (revocation): from now on every operation answers
+    /// "not enrolled", then the key and the files are destroyed.
+    pub fn shred(&self) -> Result<(), AgentError> {
+        self.shredded.store(true, Ordering::SeqCst);
+        *lock(&self.cache) = None;
+        Agent::wipe(&self.dir.root)
+    }
+
+    fn persist_enrolment(&self, e: &Enrolment) -> Result<(), AgentError> {
+        let plain = serde_json::to_vec(e)
+            .map_err(|e| AgentError::Store(StoreError::Corrupt(e.to_string())))?;
+        let sealed = self.keys.meta.seal(&plain, ENROLMENT_AAD)?;
+        // Written to a temporary file, fsync'd and renamed into place.
+        write_private(&self.dir.enrolment(), &sealed).map_err(io_err(&self.dir.enrolment()))
+    }
+
+    /// Pins a new feed signing key (after following a verified rollover chain), durably.
+    pub fn pin_signing_key(&self, key: PublicKey) -> Result<(), AgentError> {
+        self.check_live()?;
+        let mut e = lock(&self.enrolment);
+        let mut next = e.clone();
+        next.signing_key = key;
+        self.persist_enrolment(&next)?;
+        *e = next;
+        Ok(())
+    }
+
+    /// Follows a key-rollover chain from the pinned key; pins the newest key it vouches for.
+    /// Returns the new key when it changed. A chain that does not verify changes nothing.
+    pub fn follow_rollover(
+        &self,
+        chain: &cpis_protocol::lifecycle::KeyChain,
+    ) -> Result<Option<PublicKey>, AgentError> {
+        let pinned = self.pinned_key();
+        let next = chain.follow(&pinned)?;
+        if next == pinned {
+            return Ok(None);
+        }
+        self.pin_signing_key(next)?;
+        Ok(Some(next))
+    }
+
+    /// Replaces the device's key and certificate after a renewal: both new files are written
+    /// and fsync'd beside the old ones, a commit marker is written, then both are renamed into
+    /// place and the marker removed. A crash before the marker keeps the old identity; after
+    /// it, [`Agent::open`] finishes the move. The new expiry is then recorded.
+    pub fn install_identity(
+        &self,
+        key_pem: &str,
+        cert_pem: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), AgentError> {
+        self.check_live()?;
+        let sd = &self.dir;
+        write_private(&sd.next_device_key(), key_pem.as_bytes())
+            .map_err(io_err(&sd.next_device_key()))?;
+        write_private(&sd.next_device_cert(), cert_pem.as_bytes())
+            .map_err(io_err(&sd.next_device_cert()))?;
+        write_private(&sd.renew_commit(), b"commit\n").map_err(io_err(&sd.renew_commit()))?;
+        recover_identity(sd)?;
+        let mut e = lock(&self.enrolment);
+        let mut next = e.clone();
+        next.client_cert_expires_at = expires_at;
+        self.persist_enrolment(&next)?;
+        *e = next;
+        Ok(())
     }
 
     pub fn state_dir(&self) -> &StateDir {
@@ -258,6 +367,7 @@ impl Agent {
 
     /// The sealed state, from the cache unless another process committed since.
     pub(crate) fn state_in(&self, db: &FlagDb) -> Result<Arc<DataState>, AgentError> {
+        self.check_live()?;
         let dv = db.data_version()?;
         {
             let cache = lock(&self.cache);
@@ -268,7 +378,8 @@ impl Agent {
             }
         }
         let st = Arc::new(db.read_state(&self.keys)?.unwrap_or_else(|| {
-            DataState::empty(self.enrolment.region.clone(), self.enrolment.policy)
+            let e = lock(&self.enrolment);
+            DataState::empty(e.region.clone(), e.policy)
         }));
         *lock(&self.cache) = Some((dv, st.clone()));
         Ok(st)
@@ -307,7 +418,7 @@ impl Agent {
         &self,
         signed: &SignedMessage,
     ) -> Result<VerifiedCheckpoint, AgentError> {
-        let cp: Checkpoint = signed.open(self.enrolment.signing_key.verifying_key())?;
+        let cp: Checkpoint = signed.open(self.pinned_key().verifying_key())?;
         cp.policy
             .validate()
             .map_err(|e| VerifyError::Malformed(format!("checkpoint policy: {e}")))?;
@@ -330,7 +441,7 @@ impl Agent {
         cp: &VerifiedCheckpoint,
         signed: &SignedMessage,
     ) -> Result<SnapshotMeta, AgentError> {
-        let meta: SnapshotMeta = signed.open(self.enrolment.signing_key.verifying_key())?;
+        let meta: SnapshotMeta = signed.open(self.pinned_key().verifying_key())?;
         meta.check(&self.position()?, &cp.0)?;
         Ok(meta)
     }
@@ -365,6 +476,16 @@ impl Agent {
             }
             by_subject.entry(f.nhs_number).or_default().push(f);
         }
+        let mut contacts: Vec<ContactsRow> = Vec::with_capacity(snap.contacts.len());
+        for sc in snap.contacts {
+            if !by_subject.contains_key(&sc.nhs_number) {
+                return Err(VerifyError::Malformed(
+                    "the snapshot carries contacts of a subject it holds no flag for".into(),
+                )
+                .into());
+            }
+            contacts.push((self.keys.subject_key(sc.nhs_number), sc.contacts));
+        }
         let mut rows: Vec<([u8; 32], Vec<FlagRecord>)> = by_subject
             .into_iter()
             .map(|(n, fs)| (self.keys.subject_key(n), fs))
@@ -390,6 +511,7 @@ impl Agent {
             &self.keys,
             meta.version,
             rows.iter().map(|(k, fs)| (*k, fs.as_slice())),
+            &contacts,
             &st,
         )?;
         self.remember(&db, st)?;
@@ -404,7 +526,7 @@ impl Agent {
         signed: &SignedMessage,
         body: &[u8],
     ) -> Result<DeltaMeta, AgentError> {
-        let meta: DeltaMeta = signed.open(self.enrolment.signing_key.verifying_key())?;
+        let meta: DeltaMeta = signed.open(self.pinned_key().verifying_key())?;
         meta.check(&self.position()?, &cp.0)?;
         let delta: DeltaBody = meta.body.open(body)?;
         if delta.changes.len() as u64 != meta.change_count {
@@ -418,6 +540,8 @@ impl Agent {
         let known: std::collections::BTreeSet<_> = delta.councils.iter().map(|c| &c.code).collect();
         let mut last = meta.from_version;
         let mut by_subject: BTreeMap<NhsNumber, Vec<&Change>> = BTreeMap::new();
+        // Several contact changes of one subject in one delta collapse into the last.
+        let mut contact_changes: BTreeMap<NhsNumber, &Vec<RecentContact>> = BTreeMap::new();
         for vc in &delta.changes {
             if vc.version <= last || vc.version > meta.to_version {
                 return Err(VerifyError::Malformed(format!(
@@ -428,9 +552,10 @@ impl Agent {
             }
             last = vc.version;
             let nhs = match &vc.change {
-                // Recent contacts are not kept on the tablet yet (nothing shows them): the
-                // change is verified with the rest and then skipped.
-                Change::Contacts(_) => continue,
+                Change::Contacts(sc) => {
+                    contact_changes.insert(sc.nhs_number, &sc.contacts);
+                    continue;
+                }
                 Change::Upsert(f) => {
                     if !known.contains(&f.council) {
                         return Err(VerifyError::Malformed(format!(
@@ -469,6 +594,10 @@ impl Agent {
             flags.sort();
             rows.push((key, flags));
         }
+        let contacts: Vec<ContactsRow> = contact_changes
+            .into_iter()
+            .map(|(n, cs)| (self.keys.subject_key(n), cs.clone()))
+            .collect();
         st.data = Some((meta.epoch, meta.to_version));
         st.councils = delta.councils;
         let as_of = if meta.to_version == cp.0.head_version {
@@ -477,7 +606,7 @@ impl Agent {
             meta.server_time.min(cp.0.server_time)
         };
         self.mark_verified(&mut st, as_of)?;
-        db.update_subjects(&self.keys, meta.to_version, &rows, &st)?;
+        db.update_subjects(&self.keys, meta.to_version, &rows, &contacts, &st)?;
         self.remember(&db, st)?;
         Ok(meta)
     }
@@ -500,12 +629,40 @@ impl Agent {
         Ok(())
     }
 
+    /// Records the background loop's state for `status`: failures in a row, the last
+    /// error (when the attempt failed after the sync itself, e.g. a renewal), the next
+    /// planned attempt.
+    pub fn record_loop(
+        &self,
+        consecutive_failures: u32,
+        error: Option<String>,
+        next_sync_at: Option<DateTime<Utc>>,
+    ) -> Result<(), AgentError> {
+        let db = lock(&self.flags);
+        let mut st = (*self.state_in(&db)?).clone();
+        st.consecutive_failures = consecutive_failures;
+        st.next_sync_at = next_sync_at;
+        if error.is_some() {
+            st.last_sync_error = error;
+        }
+        db.write_state(&self.keys, &st)?;
+        self.remember(&db, st)?;
+        Ok(())
+    }
+
     /// Destroys the master key (overwrite, fsync, delete), then every file of the state
     /// directory. Without the key nothing left behind can be read.
     pub fn wipe(dir: &Path) -> Result<(), AgentError> {
         let sd = StateDir::new(dir);
         sd.keystore().destroy()?;
-        for p in [sd.device_key(), sd.device_cert(), sd.ca(), sd.enrolment()] {
+        for p in [
+            sd.device_key(),
+            sd.device_cert(),
+            sd.next_device_key(),
+            sd.next_device_cert(),
+            sd.ca(),
+            sd.enrolment(),
+        ] {
             shred_file(&p).map_err(io_err(&p))?;
         }
         for db in [sd.flags_db(), sd.outbox_db()] {
@@ -526,6 +683,34 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Finishes or abandons a certificate renewal interrupted by a crash: with the commit
+/// marker, the new key and certificate are moved into place; without it they are removed.
+fn recover_identity(sd: &StateDir) -> Result<(), AgentError> {
+    let sync_dir = |d: &Path| -> Result<(), AgentError> {
+        std::fs::File::open(d)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(d))
+    };
+    if sd.renew_commit().exists() {
+        for (next, cur) in [
+            (sd.next_device_key(), sd.device_key()),
+            (sd.next_device_cert(), sd.device_cert()),
+        ] {
+            if next.exists() {
+                std::fs::rename(&next, &cur).map_err(io_err(&next))?;
+            }
+        }
+        sync_dir(&sd.keys_dir())?;
+        std::fs::remove_file(sd.renew_commit()).map_err(io_err(&sd.renew_commit()))?;
+        sync_dir(&sd.keys_dir())?;
+    } else {
+        for next in [sd.next_device_key(), sd.next_device_cert()] {
+            shred_file(&next).map_err(io_err(&next))?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn position_of(st: &DataState) -> Position {

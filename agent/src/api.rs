@@ -1,8 +1,12 @@
 //! The local API on loopback (DESIGN.md §6): `POST /v1/lookups`, `GET /v1/status`,
-//! `POST /v1/sync`. One mapping from [`AgentError`] to status and `{error:{code,message}}`.
+//! `POST /v1/sync`. One mapping from [`AgentError`] to status and `{error:{code,message}}`
+//! (a shredded device answers `503 not_enrolled`, never data). Under `run`, lookups are
+//! checked nationally when they miss (bounded, see [`crate::confirm`]) and nudge the
+//! background loop; `POST /v1/sync` asks the loop for an attempt and answers its outcome.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
@@ -15,6 +19,7 @@ use cpis_protocol::api::ErrorBody;
 use cpis_protocol::local::LookupRequest;
 
 use crate::agent::{Agent, AgentError};
+use crate::background::{Outcome, SyncHandle};
 use crate::lookup::LookupInput;
 
 /// Why the local API could not start.
@@ -33,7 +38,20 @@ pub enum ApiError {
 struct Shared {
     agent: Arc<Agent>,
     sync: tokio::sync::Mutex<()>,
+    opts: ApiOptions,
 }
+
+/// How the API works with the rest of `run`.
+#[derive(Debug, Clone, Default)]
+pub struct ApiOptions {
+    /// The background loop; without it `POST /v1/sync` syncs inline.
+    pub sync: Option<SyncHandle>,
+    /// Bound of the online national check of a miss; `None`: no check.
+    pub confirm_bound: Option<Duration>,
+}
+
+/// Longest `POST /v1/sync` waits for the loop's attempt.
+const MANUAL_SYNC_WAIT: Duration = Duration::from_secs(120);
 
 /// An error as the API shows it.
 #[derive(Debug)]
@@ -81,14 +99,29 @@ async fn lookups(
         )
     })?;
     let agent = s.agent.clone();
-    let resp = blocking(move || {
-        agent.lookup(LookupInput {
+    let (resp, event) = blocking(move || {
+        agent.lookup_recorded(LookupInput {
             nhs_number: &req.nhs_number,
             staff_id: req.staff_id,
             incident_ref: req.incident_ref,
         })
     })
     .await?;
+    let resp = match s.opts.confirm_bound {
+        Some(bound) => {
+            let (resp, checked) = crate::confirm::confirm_miss(&s.agent, resp, &event, bound).await;
+            if checked == crate::confirm::Checked::Answered
+                && let Some(h) = &s.opts.sync
+            {
+                h.server_reachable();
+            }
+            resp
+        }
+        None => resp,
+    };
+    if let Some(h) = &s.opts.sync {
+        h.events_pending();
+    }
     Ok(Json(resp).into_response())
 }
 
@@ -98,16 +131,62 @@ async fn status(State(s): State<Arc<Shared>>) -> Result<Response, HttpError> {
 }
 
 async fn sync(State(s): State<Arc<Shared>>) -> Result<Response, HttpError> {
-    let _one = s.sync.lock().await;
-    let resp = crate::sync::sync_once(&s.agent, &|_, _| {}).await?;
-    Ok(Json(resp).into_response())
+    s.agent.check_live()?;
+    let Some(h) = &s.opts.sync else {
+        let _one = s.sync.lock().await;
+        let resp = crate::sync::sync_once(&s.agent, &|_, _| {}).await?;
+        return Ok(Json(resp).into_response());
+    };
+    match tokio::time::timeout(MANUAL_SYNC_WAIT, h.sync_now()).await {
+        Ok(Some(Outcome::Synced(r))) => Ok(Json(r).into_response()),
+        Ok(Some(Outcome::Failed { error, retry_after })) => {
+            let mut resp = HttpError(
+                StatusCode::BAD_GATEWAY,
+                ErrorBody::new("sync_failed", error),
+            )
+            .into_response();
+            if let Some(ra) = retry_after
+                && let Ok(v) = axum::http::HeaderValue::from_str(&ra.as_secs().to_string())
+            {
+                resp.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
+            Ok(resp)
+        }
+        Ok(Some(Outcome::Revoked(msg))) => Err(AgentError::NotEnrolled(format!(
+            "this device was revoked ({msg}); its data has been shredded"
+        ))
+        .into()),
+        Ok(None) => Err(s.agent.check_live().err().map_or_else(
+            || {
+                HttpError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorBody::new("sync_stopped", "the background sync loop has stopped"),
+                )
+            },
+            HttpError::from,
+        )),
+        Err(_) => Err(HttpError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                "sync_pending",
+                "the sync was not done within 120 s; it stays scheduled (see GET /v1/status)",
+            ),
+        )),
+    }
 }
 
 /// The router, for tests that drive it directly.
 pub fn router(agent: Arc<Agent>) -> Router {
+    router_with(agent, ApiOptions::default())
+}
+
+/// The router with the background loop and the national check.
+pub fn router_with(agent: Arc<Agent>, opts: ApiOptions) -> Router {
     let shared = Arc::new(Shared {
         agent,
         sync: tokio::sync::Mutex::new(()),
+        opts,
     });
     Router::new()
         .route("/v1/lookups", post(lookups))
@@ -127,6 +206,15 @@ pub struct LocalApi {
 impl LocalApi {
     /// Binds `addr` (loopback only; port 0 picks one) and serves until shut down.
     pub async fn bind(agent: Arc<Agent>, addr: SocketAddr) -> Result<Self, ApiError> {
+        Self::bind_with(agent, addr, ApiOptions::default()).await
+    }
+
+    /// [`LocalApi::bind`] with the background loop and the national check.
+    pub async fn bind_with(
+        agent: Arc<Agent>,
+        addr: SocketAddr,
+        opts: ApiOptions,
+    ) -> Result<Self, ApiError> {
         if !addr.ip().is_loopback() {
             return Err(ApiError::NotLoopback(addr));
         }
@@ -137,7 +225,7 @@ impl LocalApi {
             .local_addr()
             .map_err(|source| ApiError::Bind { addr, source })?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = router(agent);
+        let app = router_with(agent, opts);
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {

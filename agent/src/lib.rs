@@ -6,17 +6,24 @@
 //! [`agent`] (state directory; verify and apply), [`lookup`] (answers and status),
 //! [`freshness`] (the age rule), [`plan`] (sync decisions without IO), [`net`] (TLS client),
 //! [`download`] (partial snapshot downloads, sealed), [`sync`] (the driver and enrolment),
-//! [`api`] (local HTTP API), [`clock`] (time sources).
+//! [`schedule`] (when the background loop syncs, without IO), [`background`] (the loop of
+//! `run`), [`confirm`] (online national check of a miss), [`lifecycle`] (report, certificate
+//! renewal, key rollover), [`service`] (`run`: API and loop under one token), [`api`] (local HTTP API), [`clock`] (time sources).
 
 pub mod agent;
 pub mod api;
+pub mod background;
 pub mod clock;
+pub mod confirm;
 pub mod download;
 pub mod freshness;
 pub mod keystore;
+pub mod lifecycle;
 pub mod lookup;
 pub mod net;
 pub mod plan;
+pub mod schedule;
+pub mod service;
 pub mod store;
 pub mod sync;
 

@@ -108,6 +108,24 @@ fn assess(
     (freshness, Some(age), warnings)
 }
 
+fn outbox_warnings(warnings: &mut Vec<Warning>, pending: u64, aside: u64) {
+    if pending >= OUTBOX_BACKLOG_WARNING {
+        warnings.push(warn(
+            "outbox_backlog",
+            format!("{pending} access records are waiting to be sent to the server."),
+        ));
+    }
+    if aside > 0 {
+        warnings.push(warn(
+            "outbox_set_aside",
+            format!(
+                "{aside} access records were refused by the server and are kept aside on this \
+                 tablet; tell trust IT."
+            ),
+        ));
+    }
+}
+
 fn coverage(st: &DataState) -> Coverage {
     Coverage {
         region: st.region.clone(),
@@ -125,16 +143,32 @@ fn coverage(st: &DataState) -> Coverage {
 impl Agent {
     /// Answers a lookup and records its access event durably before returning.
     pub fn lookup(&self, input: LookupInput<'_>) -> Result<LookupResponse, AgentError> {
+        Ok(self.lookup_recorded(input)?.0)
+    }
+
+    /// [`Agent::lookup`], also returning the access event exactly as it was committed to the
+    /// outbox (for the online national check, which must send the same event).
+    pub fn lookup_recorded(
+        &self,
+        input: LookupInput<'_>,
+    ) -> Result<(LookupResponse, AccessEvent), AgentError> {
         let nhs: NhsNumber = input.nhs_number.parse()?;
+        self.check_live()?;
         self.shred_if_too_old()?;
+        let enrolment = self.enrolment();
         let key = self.keys.subject_key(nhs);
         let now = self.clock.now();
         let boot = self.clock.boot();
-        let (st, row) = {
+        let (st, row, recent_contacts) = {
             let db = lock(&self.flags);
             let st = self.state_in(&db)?;
             let row = db.subject(&self.keys, &key)?;
-            (st, row)
+            let contacts = if row.is_some() {
+                db.contacts(&self.keys, &key)?
+            } else {
+                Vec::new()
+            };
+            (st, row, contacts)
         };
         if let (Some((ver, _)), Some((_, held))) = (&row, st.data)
             && *ver > held
@@ -200,8 +234,8 @@ impl Agent {
         let event = AccessEvent {
             event_id: EventId::new(),
             accessed_at: now,
-            trust: self.enrolment.trust.clone(),
-            device: self.enrolment.device_id,
+            trust: enrolment.trust.clone(),
+            device: enrolment.device_id,
             staff_id: input.staff_id,
             nhs_number: nhs,
             result,
@@ -215,14 +249,10 @@ impl Agent {
         let hw = high_water.map_or(now, |h| h.max(now));
         outbox.append(&self.keys, &event, hw)?;
         let pending = outbox.pending_count()?;
+        let aside = outbox.set_aside_count()?;
         drop(outbox);
-        if pending >= OUTBOX_BACKLOG_WARNING {
-            warnings.push(warn(
-                "outbox_backlog",
-                format!("{pending} access records are waiting to be sent to the server."),
-            ));
-        }
-        Ok(LookupResponse {
+        outbox_warnings(&mut warnings, pending, aside);
+        let response = LookupResponse {
             nhs_number: nhs.to_string(),
             result,
             flags,
@@ -233,36 +263,40 @@ impl Agent {
             coverage: coverage(&st),
             warnings,
             event_id: event.event_id,
-        })
+            recent_contacts,
+            national: None,
+        };
+        Ok((response, event))
     }
 
     /// The device's status. Also shreds the flags by itself when no checkpoint has been
     /// verified for the policy's wipe age (DESIGN.md §2 rule 6).
     pub fn status(&self) -> Result<StatusResponse, AgentError> {
+        self.check_live()?;
         self.shred_if_too_old()?;
+        let enrolment = self.enrolment();
         let now = self.clock.now();
         let (st, subjects) = {
             let db = lock(&self.flags);
             (self.state_in(&db)?, db.subject_count()?)
         };
-        let (high_water, pending) = {
+        let (high_water, pending, aside) = {
             let outbox = lock(&self.outbox);
-            (outbox.high_water(&self.keys)?, outbox.pending_count()?)
+            (
+                outbox.high_water(&self.keys)?,
+                outbox.pending_count()?,
+                outbox.set_aside_count()?,
+            )
         };
         let (freshness, age, mut warnings) =
             assess(&st, now, self.clock.boot().as_ref(), high_water);
-        if pending >= OUTBOX_BACKLOG_WARNING {
-            warnings.push(warn(
-                "outbox_backlog",
-                format!("{pending} access records are waiting to be sent to the server."),
-            ));
-        }
+        outbox_warnings(&mut warnings, pending, aside);
         let cov = coverage(&st);
         Ok(StatusResponse {
-            device: self.enrolment.device_id,
-            trust: self.enrolment.trust.clone(),
+            device: enrolment.device_id,
+            trust: enrolment.trust.clone(),
             region: st.region.clone(),
-            server: self.enrolment.server.clone(),
+            server: enrolment.server.clone(),
             epoch: st.data.map(|d| d.0),
             version: st.data.map(|d| d.1),
             data_as_of: st.data_as_of,
@@ -275,9 +309,18 @@ impl Agent {
             last_sync_success: st.last_sync_success,
             last_sync_error: st.last_sync_error.clone(),
             outbox_pending: pending,
-            client_cert_expires_at: self.enrolment.client_cert_expires_at,
+            outbox_set_aside: aside,
+            consecutive_failures: st.consecutive_failures,
+            next_sync_at: st.next_sync_at,
+            client_cert_expires_at: enrolment.client_cert_expires_at,
             warnings,
         })
+    }
+
+    /// Access events waiting to be sent, and set aside (refused by the server for good).
+    pub fn outbox_counts(&self) -> Result<(u64, u64), AgentError> {
+        let outbox = lock(&self.outbox);
+        Ok((outbox.pending_count()?, outbox.set_aside_count()?))
     }
 
     /// Unsent access events, oldest first (sealed in the outbox until the server stores them).

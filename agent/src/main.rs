@@ -12,7 +12,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use cpis_agent::api::LocalApi;
+use std::time::Duration;
+
+use cpis_agent::background::LoopConfig;
+use cpis_agent::service::{RunConfig, Service};
 use cpis_agent::{Agent, AgentError, Clock, LookupInput, SystemClock};
 use cpis_protocol::local::LookupResponse;
 use cpis_protocol::{Freshness, LookupResult};
@@ -54,7 +57,17 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
     },
-    /// Serve the local API on loopback (POST /v1/lookups, GET /v1/status, POST /v1/sync).
+    /// Run the agent: the local API on loopback (POST /v1/lookups, GET /v1/status,
+    /// POST /v1/sync) and the background sync loop, until Ctrl-C or SIGTERM.
+    ///
+    /// The loop syncs at start, then every --sync-interval-secs (plus up to a fifth more at
+    /// random), a few seconds after a lookup leaves access events to send, on POST /v1/sync,
+    /// and as soon as the server answers again after an outage. Failures back off
+    /// exponentially with full jitter up to --backoff-max-secs, and a server's Retry-After
+    /// is honoured. After each sync it reports to the fleet view and renews the client
+    /// certificate when due; a revoked device shreds itself and then answers every lookup
+    /// with 503 not_enrolled. A miss is checked nationally when the server answers within
+    /// --confirm-timeout-ms.
     Run {
         /// State directory of an enrolled device.
         #[arg(long, value_name = "DIR")]
@@ -62,9 +75,42 @@ enum Command {
         /// Loopback address to listen on; non-loopback addresses are refused.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7411")]
         listen: SocketAddr,
+        /// Seconds between background syncs while all is well.
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 900,
+            env = "CPIS_SYNC_INTERVAL_SECS",
+            value_parser = clap::value_parser!(u64).range(10..)
+        )]
+        sync_interval_secs: u64,
+        /// Cap of the backoff between failed attempts, in seconds.
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 900,
+            env = "CPIS_BACKOFF_MAX_SECS",
+            value_parser = clap::value_parser!(u64).range(2..)
+        )]
+        backoff_max_secs: u64,
+        /// Longest wait for the online national check of a miss, in milliseconds.
+        #[arg(
+            long,
+            value_name = "MS",
+            default_value_t = 1500,
+            env = "CPIS_CONFIRM_TIMEOUT_MS"
+        )]
+        confirm_timeout_ms: u64,
+        /// Never check misses nationally (answers cover the tablet's region only).
+        #[arg(long)]
+        no_confirm: bool,
     },
     /// Sync once now: checkpoint, then a delta or a snapshot (with a progress bar on a
-    /// terminal), then send pending access events.
+    /// terminal), then send pending access events, then report to the fleet view.
+    ///
+    /// If the feed no longer verifies under the pinned signing key, the server's signed key
+    /// chain is followed from the pinned key and the sync retried once. A revoked device
+    /// shreds its data and exits 3.
     Sync {
         /// State directory of an enrolled device.
         #[arg(long, value_name = "DIR")]
@@ -75,6 +121,11 @@ enum Command {
     },
     /// Look up an NHS number (9434765919, 943 476 5919 or 943-476-5919). The access is
     /// recorded durably before the answer is shown.
+    ///
+    /// A miss in the tablet's regional data is checked nationally with the server when it
+    /// answers within --confirm-timeout-ms; otherwise the regional answer is shown with the
+    /// councils it covers. Exit codes: 0 answered, 2 invalid NHS number, 3 not enrolled or
+    /// wiped, 1 other failure.
     Lookup {
         /// State directory of an enrolled device.
         #[arg(long, value_name = "DIR")]
@@ -91,8 +142,21 @@ enum Command {
         /// Print the answer as JSON (the same document as POST /v1/lookups).
         #[arg(long)]
         json: bool,
+        /// Longest wait for the online national check of a miss, in milliseconds.
+        #[arg(
+            long,
+            value_name = "MS",
+            default_value_t = 1500,
+            env = "CPIS_CONFIRM_TIMEOUT_MS"
+        )]
+        confirm_timeout_ms: u64,
+        /// Answer from the tablet's data only (no national check).
+        #[arg(long)]
+        offline: bool,
     },
-    /// Show the device, its data's version, age and freshness, sync history and outbox.
+    /// Show the device, its data's version, age and freshness, sync history, the background
+    /// loop's next attempt and failures, the outbox (waiting and set aside) and the client
+    /// certificate's expiry.
     Status {
         /// State directory of an enrolled device.
         #[arg(long, value_name = "DIR")]
@@ -102,6 +166,9 @@ enum Command {
         json: bool,
     },
     /// Crypto-shred this tablet's data: destroy the master key first, then every file.
+    ///
+    /// Unsent access events are destroyed with it; sync first if the tablet has a
+    /// connection.
     Wipe {
         /// State directory to wipe.
         #[arg(long, value_name = "DIR")]
@@ -189,18 +256,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run { state_dir, listen } => {
+        Command::Run {
+            state_dir,
+            listen,
+            sync_interval_secs,
+            backoff_max_secs,
+            confirm_timeout_ms,
+            no_confirm,
+        } => {
             let agent = Arc::new(Agent::open(&state_dir, clock())?);
+            let mut sync = LoopConfig::default();
+            sync.schedule.interval = Duration::from_secs(sync_interval_secs);
+            sync.schedule.interval_jitter = Duration::from_secs(sync_interval_secs / 5);
+            sync.schedule.backoff_max = Duration::from_secs(backoff_max_secs);
+            let cfg = RunConfig {
+                listen,
+                sync,
+                confirm_bound: (!no_confirm).then(|| Duration::from_millis(confirm_timeout_ms)),
+            };
             runtime()?.block_on(async move {
-                let api = LocalApi::bind(agent, listen).await?;
-                eprintln!("cpis-agent: local API on http://{}", api.local_addr());
-                let stop = async {
-                    let _ = tokio::signal::ctrl_c().await;
-                };
-                tokio::select! {
-                    r = api_join(api) => r,
-                    () = stop => Ok(()),
-                }
+                let service = Service::start(agent, cfg).await?;
+                eprintln!(
+                    "cpis-agent: local API on http://{}; background sync every {sync_interval_secs} s",
+                    service.local_addr()
+                );
+                let cancel = service.cancel_token();
+                let signals = tokio::spawn(async move {
+                    stop_signal().await;
+                    cancel.cancel();
+                });
+                let r = service.join().await.context("running the agent");
+                signals.abort();
+                r
             })
         }
         Command::Sync { state_dir, json } => {
@@ -251,17 +338,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             staff,
             incident,
             json,
+            confirm_timeout_ms,
+            offline,
         } => {
             // Validate before opening anything: bad input changes nothing.
             nhs_number
                 .parse::<cpis_protocol::NhsNumber>()
                 .map_err(AgentError::from)?;
             let agent = Agent::open(&state_dir, clock())?;
-            let r = agent.lookup(LookupInput {
+            let (r, event) = agent.lookup_recorded(LookupInput {
                 nhs_number: &nhs_number,
                 staff_id: staff,
                 incident_ref: incident,
             })?;
+            let r = if offline {
+                r
+            } else {
+                let bound = Duration::from_millis(confirm_timeout_ms);
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?
+                    .block_on(cpis_agent::confirm::confirm_miss(&agent, r, &event, bound))
+                    .0
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -307,7 +407,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(e) = &s.last_sync_error {
                     println!("Last error:    {e}");
                 }
-                println!("Outbox:        {} access events waiting", s.outbox_pending);
+                println!(
+                    "Next sync:     {}",
+                    s.next_sync_at
+                        .map_or("not scheduled (background loop not running)".into(), |t| {
+                            t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+                        })
+                );
+                if s.consecutive_failures > 0 {
+                    println!("Failures:      {} in a row", s.consecutive_failures);
+                }
+                println!(
+                    "Outbox:        {} access events waiting, {} set aside (refused by the server)",
+                    s.outbox_pending, s.outbox_set_aside
+                );
+                println!(
+                    "Certificate:   valid until {}",
+                    when(Some(s.client_cert_expires_at))
+                );
                 for w in &s.warnings {
                     println!("WARNING: {}", w.message);
                 }
@@ -325,8 +442,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn api_join(api: LocalApi) -> anyhow::Result<()> {
-    api.join().await.context("serving the local API")
+/// Ctrl-C, or SIGTERM on Unix.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn age(secs: u64) -> String {
@@ -433,6 +569,37 @@ fn human_lookup(r: &LookupResponse) -> String {
             names.join(", ")
         }
     );
+    if let Some(n) = &r.national {
+        let _ = writeln!(
+            out,
+            "National check: {} across {} councils at {}",
+            match n.result {
+                LookupResult::Flagged => "FLAGGED",
+                LookupResult::NotFlagged => "NOT FLAGGED",
+                LookupResult::Unknown => "UNKNOWN",
+            },
+            n.councils_covered,
+            n.checked_at.format("%Y-%m-%d %H:%M UTC")
+        );
+    }
+    if !r.recent_contacts.is_empty() {
+        let _ = writeln!(out, "Recent contacts (newest first):");
+        for c in &r.recent_contacts {
+            let _ = writeln!(
+                out,
+                "  {} — {} ({}), {}",
+                c.date,
+                c.organisation.name,
+                c.organisation.ods,
+                match c.setting {
+                    cpis_protocol::CareSetting::Ambulance => "ambulance",
+                    cpis_protocol::CareSetting::EmergencyDepartment => "emergency department",
+                    cpis_protocol::CareSetting::UrgentTreatmentCentre => "urgent treatment centre",
+                    cpis_protocol::CareSetting::Other => "other setting",
+                }
+            );
+        }
+    }
     for w in &r.warnings {
         let _ = writeln!(out, "WARNING: {}", w.message);
     }

@@ -1,5 +1,6 @@
 //! The network client: enrolment (trusting only the CA given), then mutual-TLS requests for
-//! checkpoints, deltas, snapshots (resumable with HTTP Range) and event uploads.
+//! checkpoints, deltas, snapshots (resumable with HTTP Range), event uploads, online
+//! confirmation, and the device lifecycle (report, certificate renewal, key chain).
 //!
 //! One TLS crypto provider: ring, passed explicitly in a preconfigured rustls `ClientConfig`.
 //! Nothing received is trusted here: the caller verifies every signed message and body.
@@ -12,7 +13,11 @@ use futures_util::StreamExt as _;
 use reqwest::StatusCode;
 
 use cpis_protocol::api::{EnrolRequest, EnrolResponse, ErrorBody, codes, paths};
-use cpis_protocol::{BodyInfo, EventBatch, EventUploadAck, SignedMessage, VerifyError};
+use cpis_protocol::confirm::{self, ConfirmRequest, ConfirmResponse};
+use cpis_protocol::lifecycle::{self, DeviceReport, KeyChain, RenewRequest, RenewResponse};
+use cpis_protocol::{
+    AccessEvent, BodyInfo, EventBatch, EventUploadAck, SignedMessage, VerifyError,
+};
 
 use crate::download::{DownloadError, SealedDownload};
 use crate::keystore::Sealer;
@@ -41,6 +46,8 @@ pub enum NetError {
         status: u16,
         code: String,
         message: String,
+        /// `Retry-After` of a `429` or `503`, in seconds.
+        retry_after: Option<u64>,
     },
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
@@ -48,6 +55,19 @@ pub enum NetError {
     Verify(#[from] VerifyError),
     #[error(transparent)]
     Download(#[from] DownloadError),
+}
+
+impl NetError {
+    /// How long the server asked the device to wait (`Retry-After` on `429`/`503`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            NetError::Server {
+                retry_after: Some(s),
+                ..
+            } => Some(Duration::from_secs(*s)),
+            _ => None,
+        }
+    }
 }
 
 fn classify(url: &str, e: reqwest::Error) -> NetError {
@@ -126,6 +146,11 @@ fn http_client(cfg: rustls::ClientConfig) -> Result<reqwest::Client, NetError> {
 
 async fn error_of(resp: reqwest::Response) -> NetError {
     let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
     let text = resp.text().await.unwrap_or_default();
     let (code, message, wipe) = match serde_json::from_str::<ErrorBody>(&text) {
         Ok(b) => (b.error.code, b.error.message, b.error.wipe),
@@ -146,6 +171,7 @@ async fn error_of(resp: reqwest::Response) -> NetError {
             status,
             code,
             message,
+            retry_after,
         },
     }
 }
@@ -157,14 +183,8 @@ pub struct Enrolled {
     pub key_pem: String,
 }
 
-/// Makes an ECDSA P-256 key pair and a CSR, and exchanges the token for a certificate,
-/// trusting only `ca_pem` for the server.
-pub async fn enrol(
-    server: &str,
-    ca_pem: &str,
-    token: &str,
-    name: Option<String>,
-) -> Result<Enrolled, NetError> {
+/// A new ECDSA P-256 key pair (PEM) and a CSR for it (PEM).
+pub fn new_key_and_csr() -> Result<(String, String), NetError> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| NetError::Protocol(format!("making the device key: {e}")))?;
     let params = rcgen::CertificateParams::new(Vec::<String>::new())
@@ -173,6 +193,18 @@ pub async fn enrol(
         .serialize_request(&key)
         .and_then(|c| c.pem())
         .map_err(|e| NetError::Protocol(format!("making the CSR: {e}")))?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// Makes an ECDSA P-256 key pair and a CSR, and exchanges the token for a certificate,
+/// trusting only `ca_pem` for the server.
+pub async fn enrol(
+    server: &str,
+    ca_pem: &str,
+    token: &str,
+    name: Option<String>,
+) -> Result<Enrolled, NetError> {
+    let (key_pem, csr) = new_key_and_csr()?;
     let client = http_client(tls_config(ca_pem, None)?)?;
     let url = format!("{}{}", server.trim_end_matches('/'), paths::ENROL);
     let req = EnrolRequest {
@@ -194,10 +226,7 @@ pub async fn enrol(
         .json()
         .await
         .map_err(|e| NetError::Protocol(format!("enrolment answer: {e}")))?;
-    Ok(Enrolled {
-        response,
-        key_pem: key.serialize_pem(),
-    })
+    Ok(Enrolled { response, key_pem })
 }
 
 /// What a delta request returned.
@@ -444,4 +473,67 @@ impl DeviceClient {
             .await
             .map_err(|e| NetError::Protocol(format!("events acknowledgement: {e}")))
     }
+
+    async fn post_json<T: serde::Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<reqwest::Response, NetError> {
+        let url = format!("{}{}", self.base, path);
+        let resp = self
+            .http
+            .post(&url)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| classify(&url, e))?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp).await);
+        }
+        Ok(resp)
+    }
+
+    /// Online confirmation of a lookup (the caller bounds the wait).
+    pub async fn confirm(&self, event: &AccessEvent) -> Result<ConfirmResponse, NetError> {
+        let req = ConfirmRequest {
+            event: event.clone(),
+        };
+        self.post_json(confirm::PATH, &req)
+            .await?
+            .json()
+            .await
+            .map_err(|e| NetError::Protocol(format!("confirmation answer: {e}")))
+    }
+
+    /// The device's state for the fleet view.
+    pub async fn report(&self, report: &DeviceReport) -> Result<(), NetError> {
+        self.post_json(lifecycle::paths::REPORT, report).await?;
+        Ok(())
+    }
+
+    /// A new client certificate for the CSR of a new key pair.
+    pub async fn renew(&self, csr_pem: &str) -> Result<RenewResponse, NetError> {
+        let req = RenewRequest {
+            csr_pem: csr_pem.to_owned(),
+        };
+        self.post_json(lifecycle::paths::RENEW, &req)
+            .await?
+            .json()
+            .await
+            .map_err(|e| NetError::Protocol(format!("renewal answer: {e}")))
+    }
+
+    /// The chain of signed key rollovers (unverified: [`KeyChain::follow`] checks it).
+    pub async fn key_chain(&self) -> Result<KeyChain, NetError> {
+        let (url, resp) = self.get(lifecycle::paths::KEYS).await?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp).await);
+        }
+        let bytes = Self::read_capped(&url, resp, MAX_KEY_CHAIN).await?;
+        postcard::from_bytes(&bytes)
+            .map_err(|e| NetError::Verify(VerifyError::Malformed(format!("key chain: {e}"))))
+    }
 }
+
+/// Ceiling on the size of the key chain.
+const MAX_KEY_CHAIN: u64 = 1024 * 1024;

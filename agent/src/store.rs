@@ -3,11 +3,15 @@
 //! Two files in the state directory, both WAL with `synchronous=FULL`:
 //! * `flags.db`: `flags(key, ver, sealed)` — one row per subject, keyed by the keyed hash of
 //!   the NHS number, holding that subject's flags sealed as one record with the row key and
-//!   the version it was written at bound in as associated data; `meta(name, sealed)` — the
-//!   sealed [`DataState`] (region, epoch, version, checkpoint times, policy, council directory).
+//!   the version it was written at bound in as associated data; `contacts(key, ver, sealed)` —
+//!   the subject's recent contacts, a sealed side row under the same key (its own AAD
+//!   domain); `meta(name, sealed)` — the sealed [`DataState`] (region, epoch, version,
+//!   checkpoint times, policy, council directory, sync loop state).
 //! * `outbox.db`: `events(seq, sealed, sent)` — access events sealed with their sequence
-//!   number bound in; `kv(name, sealed)` — the highest tablet clock reading seen. A snapshot
-//!   reset never touches this file.
+//!   number bound in; `sent` is 0 while pending and [`SET_ASIDE`] once the server refused the
+//!   event for good (kept sealed, never re-sent); stored events are deleted. `kv(name,
+//!   sealed)` — the highest tablet clock reading seen. A snapshot reset never touches this
+//!   file.
 //!
 //! No NHS number, date or council detail is ever written in plaintext.
 
@@ -17,7 +21,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 
-use cpis_protocol::{AccessEvent, CouncilInfo, FlagRecord, Policy, RegionId};
+use cpis_protocol::{AccessEvent, CouncilInfo, FlagRecord, Policy, RecentContact, RegionId};
 
 use crate::clock::BootStamp;
 use crate::keystore::{KeyError, Keys};
@@ -53,6 +57,12 @@ pub struct DataState {
     pub last_sync_attempt: Option<DateTime<Utc>>,
     pub last_sync_success: Option<DateTime<Utc>>,
     pub last_sync_error: Option<String>,
+    /// Failed attempts in a row (the background loop's backoff), 0 after a success.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// When the background loop plans its next attempt (tablet clock), if running.
+    #[serde(default)]
+    pub next_sync_at: Option<DateTime<Utc>>,
 }
 
 impl DataState {
@@ -71,6 +81,8 @@ impl DataState {
             last_sync_attempt: None,
             last_sync_success: None,
             last_sync_error: None,
+            consecutive_failures: 0,
+            next_sync_at: None,
         }
     }
 }
@@ -84,6 +96,17 @@ fn flag_aad(key: &[u8], ver: u64) -> Vec<u8> {
     aad.extend_from_slice(&ver.to_le_bytes());
     aad
 }
+
+fn contacts_aad(key: &[u8], ver: u64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(9 + key.len() + 8);
+    aad.extend_from_slice(b"contacts\0");
+    aad.extend_from_slice(key);
+    aad.extend_from_slice(&ver.to_le_bytes());
+    aad
+}
+
+/// `events.sent` of an event the server refused for good: kept sealed, never re-sent.
+pub const SET_ASIDE: i64 = 2;
 
 fn event_aad(seq: i64) -> Vec<u8> {
     let mut aad = b"event\0".to_vec();
@@ -114,11 +137,16 @@ pub struct FlagDb {
 /// A subject's row: the version it was written at, and its flags.
 pub type SubjectRow = (u64, Vec<FlagRecord>);
 
+/// A subject's recent contacts to write: row key and list (empty deletes the row).
+pub type ContactsRow = ([u8; 32], Vec<RecentContact>);
+
 impl FlagDb {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = open_conn(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS flags (key BLOB PRIMARY KEY, ver INTEGER NOT NULL, \
+             sealed BLOB NOT NULL) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS contacts (key BLOB PRIMARY KEY, ver INTEGER NOT NULL, \
              sealed BLOB NOT NULL) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, sealed BLOB NOT NULL);",
         )?;
@@ -158,6 +186,22 @@ impl FlagDb {
         Ok(Some((ver, flags)))
     }
 
+    /// A subject's recent contacts (newest first), empty when none are held.
+    pub fn contacts(&self, keys: &Keys, key: &[u8; 32]) -> Result<Vec<RecentContact>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT ver, sealed FROM contacts WHERE key = ?1")?;
+        let row: Option<(i64, Vec<u8>)> = stmt
+            .query_row([&key[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((ver, sealed)) = row else {
+            return Ok(Vec::new());
+        };
+        let ver = u64::try_from(ver).map_err(|_| StoreError::Corrupt("negative version".into()))?;
+        let plain = keys.snapshot.open(&sealed, &contacts_aad(key, ver))?;
+        postcard::from_bytes(&plain).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
     pub fn subject_count(&self) -> Result<u64, StoreError> {
         let n: i64 = self
             .conn
@@ -171,10 +215,12 @@ impl FlagDb {
         keys: &Keys,
         ver: u64,
         subjects: impl IntoIterator<Item = ([u8; 32], &'a [FlagRecord])>,
+        contacts: &[ContactsRow],
         state: &DataState,
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM flags", [])?;
+        tx.execute("DELETE FROM contacts", [])?;
         {
             let mut ins = tx.prepare("INSERT INTO flags (key, ver, sealed) VALUES (?1, ?2, ?3)")?;
             for (key, flags) in subjects {
@@ -182,6 +228,7 @@ impl FlagDb {
                 ins.execute(params![&key[..], to_i64(ver), sealed])?;
             }
         }
+        write_contacts(&tx, keys, ver, contacts)?;
         write_state(&tx, keys, state)?;
         tx.commit()?;
         Ok(())
@@ -194,9 +241,11 @@ impl FlagDb {
         keys: &Keys,
         ver: u64,
         subjects: &[([u8; 32], Vec<FlagRecord>)],
+        contacts: &[ContactsRow],
         state: &DataState,
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
+        write_contacts(&tx, keys, ver, contacts)?;
         {
             let mut up = tx.prepare(
                 "INSERT INTO flags (key, ver, sealed) VALUES (?1, ?2, ?3) \
@@ -221,6 +270,7 @@ impl FlagDb {
     pub fn clear_flags(&mut self, keys: &Keys, state: &DataState) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM flags", [])?;
+        tx.execute("DELETE FROM contacts", [])?;
         write_state(&tx, keys, state)?;
         tx.commit()?;
         self.conn
@@ -237,6 +287,30 @@ fn seal_row(
 ) -> Result<Vec<u8>, StoreError> {
     let plain = postcard::to_stdvec(flags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(keys.snapshot.seal(&plain, &flag_aad(key, ver))?)
+}
+
+fn write_contacts(
+    conn: &Connection,
+    keys: &Keys,
+    ver: u64,
+    rows: &[ContactsRow],
+) -> Result<(), StoreError> {
+    let mut up = conn.prepare_cached(
+        "INSERT INTO contacts (key, ver, sealed) VALUES (?1, ?2, ?3) \
+         ON CONFLICT(key) DO UPDATE SET ver = excluded.ver, sealed = excluded.sealed",
+    )?;
+    let mut del = conn.prepare_cached("DELETE FROM contacts WHERE key = ?1")?;
+    for (key, contacts) in rows {
+        if contacts.is_empty() {
+            del.execute([&key[..]])?;
+        } else {
+            let plain =
+                postcard::to_stdvec(contacts).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let sealed = keys.snapshot.seal(&plain, &contacts_aad(key, ver))?;
+            up.execute(params![&key[..], to_i64(ver), sealed])?;
+        }
+    }
+    Ok(())
 }
 
 fn read_state(conn: &Connection, keys: &Keys) -> Result<Option<DataState>, StoreError> {
@@ -352,6 +426,30 @@ impl Outbox {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Sets events aside that the server refused for good: they stay sealed in the outbox,
+    /// are counted, and are never sent again.
+    pub fn set_aside(&mut self, seqs: &[i64]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut up = tx.prepare("UPDATE events SET sent = ?2 WHERE seq = ?1")?;
+            for s in seqs {
+                up.execute(params![s, SET_ASIDE])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// How many events are set aside.
+    pub fn set_aside_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT count(*) FROM events WHERE sent = ?1",
+            [SET_ASIDE],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Moves the WAL into the database file (after events were sent).

@@ -1,11 +1,14 @@
 //! The sync driver and enrolment: does the network and disk work that [`crate::plan`]
-//! decides, and verifies everything (through [`Agent`]) before it is applied.
+//! decides, and verifies everything (through [`Agent`]) before it is applied; uploads the
+//! outbox in batches; follows a signing-key rollover once when the feed stops verifying;
+//! reports to the fleet view after a successful sync.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use cpis_protocol::ingest::MAX_BATCH_EVENTS;
 use cpis_protocol::local::SyncResponse;
-use cpis_protocol::{DeltaMeta, EventBatch};
+use cpis_protocol::{DeltaMeta, EventBatch, VerifyError};
 
 use crate::agent::{Agent, AgentError, Enrolment, TlsMaterial, lock};
 use crate::clock::Clock;
@@ -58,6 +61,7 @@ pub fn device_client(agent: &Agent) -> Result<DeviceClient, AgentError> {
     let read = |p: std::path::PathBuf| {
         std::fs::read_to_string(&p).map_err(|source| AgentError::Io { path: p, source })
     };
+    agent.check_live()?;
     Ok(DeviceClient::new(
         &agent.enrolment().server,
         &read(sd.ca())?,
@@ -66,24 +70,60 @@ pub fn device_client(agent: &Agent) -> Result<DeviceClient, AgentError> {
     )?)
 }
 
-/// One sync: checkpoint, then deltas or a snapshot as planned, then pending events.
-/// A revoked device shreds its state directory.
+fn is_bad_signature(e: &AgentError) -> bool {
+    matches!(
+        e,
+        AgentError::Verify(VerifyError::BadSignature)
+            | AgentError::Net(NetError::Verify(VerifyError::BadSignature))
+    )
+}
+
+/// One sync: checkpoint, then deltas or a snapshot as planned, then pending events, then a
+/// device report (whose failure never fails the sync). A revoked device shreds its state
+/// directory. When the feed fails with a bad signature under the pinned key, the key chain
+/// is fetched and followed from the pinned key; if it leads to a new key, that key is
+/// pinned and the sync retried once.
 pub async fn sync_once(
     agent: &Agent,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<SyncResponse, AgentError> {
     let result = async {
         let client = device_client(agent)?;
-        run(agent, &client, progress).await
+        let first = run(agent, &client, progress).await;
+        match first {
+            Err(e) if is_bad_signature(&e) => {
+                match crate::lifecycle::follow_key_rollover(agent, &client).await {
+                    Ok(Some(key)) => {
+                        tracing::warn!(%key, "feed signing key rolled over; pinned the new key");
+                        run(agent, &client, progress).await
+                    }
+                    Ok(None) => Err(e),
+                    Err(chain) => {
+                        tracing::warn!("key chain not followed: {chain}");
+                        Err(e)
+                    }
+                }
+            }
+            other => other,
+        }
+        .map(|r| (r, client))
     }
     .await;
-    if let Err(AgentError::Net(NetError::Revoked(msg))) = &result {
-        let msg = msg.clone();
-        Agent::wipe(&agent.state_dir().root)?;
-        return Err(AgentError::NotEnrolled(format!(
-            "this device was revoked ({msg}); its data has been shredded"
-        )));
-    }
+    let result = match result {
+        Err(AgentError::Net(NetError::Revoked(msg))) => {
+            agent.shred()?;
+            return Err(AgentError::NotEnrolled(format!(
+                "this device was revoked ({msg}); its data has been shredded"
+            )));
+        }
+        Err(e) => Err(e),
+        Ok((r, client)) => {
+            if let Err(e) = crate::lifecycle::report(agent, &client).await {
+                tracing::warn!("device report not sent: {e}");
+            }
+            Ok(r)
+        }
+    };
     agent.record_sync(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))?;
     result
 }
@@ -170,12 +210,13 @@ async fn run(
     })
 }
 
-/// Sends pending events in batches; removes the ones the server stored (or rejected for
-/// good). Returns how many were stored.
+/// Sends pending events in batches of at most [`MAX_BATCH_EVENTS`]; deletes the ones the
+/// server's acknowledgement lists as stored (only those), and sets aside the ones it rejected
+/// for good (kept sealed, counted, never re-sent). Returns how many were stored.
 pub async fn upload_events(agent: &Agent, client: &DeviceClient) -> Result<u64, AgentError> {
     let mut sent = 0u64;
     loop {
-        let pending = lock(&agent.outbox).pending(&agent.keys, 200)?;
+        let pending = lock(&agent.outbox).pending(&agent.keys, MAX_BATCH_EVENTS)?;
         if pending.is_empty() {
             lock(&agent.outbox).checkpoint()?;
             return Ok(sent);
@@ -184,21 +225,27 @@ pub async fn upload_events(agent: &Agent, client: &DeviceClient) -> Result<u64, 
             events: pending.iter().map(|(_, e)| e.clone()).collect(),
         };
         let ack = client.upload_events(&batch).await?;
-        let done: Vec<i64> = pending
-            .iter()
-            .filter(|(_, e)| {
-                ack.stored.contains(&e.event_id)
-                    || ack.rejected.iter().any(|r| r.event_id == e.event_id)
-            })
-            .map(|(s, _)| *s)
-            .collect();
-        for r in &ack.rejected {
-            tracing::warn!(event = %r.event_id, code = %r.code, "server rejected an event for good: {}", r.message);
+        let stored: std::collections::HashSet<_> = ack.stored.iter().collect();
+        let rejected: std::collections::HashSet<_> =
+            ack.rejected.iter().map(|r| &r.event_id).collect();
+        let mut done = Vec::new();
+        let mut aside = Vec::new();
+        for (seq, e) in &pending {
+            if stored.contains(&e.event_id) {
+                done.push(*seq);
+            } else if rejected.contains(&e.event_id) {
+                aside.push(*seq);
+            }
         }
-        if done.is_empty() {
+        for r in &ack.rejected {
+            tracing::warn!(event = %r.event_id, code = %r.code, "server rejected an event for good; set aside: {}", r.message);
+        }
+        if done.is_empty() && aside.is_empty() {
             return Ok(sent);
         }
-        sent += ack.stored.len() as u64;
-        lock(&agent.outbox).remove(&done)?;
+        sent += done.len() as u64;
+        let mut outbox = lock(&agent.outbox);
+        outbox.remove(&done)?;
+        outbox.set_aside(&aside)?;
     }
 }

@@ -4,6 +4,7 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::contacts::RecentContact;
 use crate::events::LookupResult;
 use crate::ids::{CouncilCode, DeviceId, EventId, PlanType, RegionId, TrustCode};
 use crate::policy::{Freshness, Policy};
@@ -78,6 +79,26 @@ pub struct LookupResponse {
     pub warnings: Vec<Warning>,
     /// The access event recorded (durably) for this lookup.
     pub event_id: EventId,
+    /// The subject's recent unscheduled-care contacts (newest first, at most 25): from the
+    /// tablet's own data (offline), or from the national check when it answered.
+    #[serde(default)]
+    pub recent_contacts: Vec<RecentContact>,
+    /// The online national check of a regional miss, when the server answered within the
+    /// agent's bound; `None` when it was not asked or did not answer in time (the answer is
+    /// then the regional one, with its `coverage`).
+    #[serde(default)]
+    pub national: Option<NationalCheck>,
+}
+
+/// What the online national check answered (see `cpis_protocol::confirm`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NationalCheck {
+    /// `flagged` or `not_flagged`, from every council's live flags.
+    pub result: LookupResult,
+    /// The server's clock when it checked.
+    pub checked_at: DateTime<Utc>,
+    /// How many councils the national set covers.
+    pub councils_covered: u64,
 }
 
 /// `GET /v1/status` answer (and `cpis-agent status --json`).
@@ -100,6 +121,15 @@ pub struct StatusResponse {
     pub last_sync_success: Option<DateTime<Utc>>,
     pub last_sync_error: Option<String>,
     pub outbox_pending: u64,
+    /// Access events the server refused for good, kept sealed aside (never re-sent).
+    #[serde(default)]
+    pub outbox_set_aside: u64,
+    /// Failed sync attempts in a row (the background loop backs off after each).
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// When the background loop plans its next attempt (tablet clock), while `run` is up.
+    #[serde(default)]
+    pub next_sync_at: Option<DateTime<Utc>>,
     pub client_cert_expires_at: DateTime<Utc>,
     pub warnings: Vec<Warning>,
 }

@@ -1,0 +1,456 @@
+//! When the background loop syncs: a state machine without IO. It takes what happened (a
+//! timer fired, a lookup left events in the outbox, a manual request, the server answered
+//! again, an attempt succeeded or failed with an optional `Retry-After`, the device was
+//! revoked) and the current instant, and answers what to do next (sleep until an instant,
+//! start an attempt, wipe). The driver in [`crate::background`] does the waiting and the
+//! network.
+//!
+//! Rules:
+//! * after a success, the next attempt is one `interval` later plus a random jitter of up to
+//!   `interval_jitter` (so a fleet does not poll in step);
+//! * a lookup that leaves events pending brings the attempt forward to `soon` from now, but
+//!   never ahead of a backoff or a server's `Retry-After`;
+//! * a manual request (`POST /v1/sync`) starts now unless the server asked to wait
+//!   (`Retry-After`); the server answering again (online confirmation) ends a backoff;
+//! * each failure waits a full-jitter delay: uniform in `[min_gap, ceiling]`, where the
+//!   ceiling doubles from `backoff_min` up to the cap `backoff_max` (the exponential sequence
+//!   is `backon`'s; the jitter is drawn here from a seeded generator so tests are
+//!   reproducible); a `Retry-After` (capped at `retry_after_max`) is a floor on that wait;
+//! * a trigger that arrives during an attempt runs one more attempt after it (once);
+//! * two attempts never start less than `min_gap` apart: the loop cannot spin;
+//! * a revoked device wipes, and never attempts again.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
+use tokio::time::Instant;
+
+/// Timing of the background loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduleConfig {
+    /// Time between syncs while all is well.
+    pub interval: Duration,
+    /// Up to this much is added at random to each interval.
+    pub interval_jitter: Duration,
+    /// Delay after a lookup leaves events pending.
+    pub soon: Duration,
+    /// Least time between the starts of two attempts.
+    pub min_gap: Duration,
+    /// First backoff ceiling after a failure.
+    pub backoff_min: Duration,
+    /// Cap of the backoff ceiling.
+    pub backoff_max: Duration,
+    /// Longest `Retry-After` honoured (a longer one is cut to this).
+    pub retry_after_max: Duration,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(15 * 60),
+            interval_jitter: Duration::from_secs(3 * 60),
+            soon: Duration::from_secs(5),
+            min_gap: Duration::from_secs(1),
+            backoff_min: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(15 * 60),
+            retry_after_max: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Something that happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// The planned wake-up time came.
+    TimerFired,
+    /// A lookup left events pending in the outbox.
+    EventsPending,
+    /// Someone asked for a sync now (`POST /v1/sync`).
+    ManualRequest,
+    /// The server answered something else (e.g. an online confirmation): it is reachable.
+    ServerReachable,
+    /// The attempt completed.
+    Succeeded,
+    /// The attempt failed; the server may have said how long to wait.
+    Failed { retry_after: Option<Duration> },
+    /// The server says the device is revoked.
+    Revoked,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing until this instant (or until another input).
+    SleepUntil(Instant),
+    /// Start an attempt now; report [`Input::Succeeded`] or [`Input::Failed`] after.
+    StartAttempt,
+    /// An attempt is running: wait for its outcome.
+    WaitForAttempt,
+    /// Crypto-shred the device; nothing else will ever be done.
+    Wipe,
+    /// Wiped: stop.
+    Stop,
+}
+
+/// The loop's decisions.
+#[derive(Debug)]
+pub struct Schedule {
+    cfg: ScheduleConfig,
+    rng: ChaCha8Rng,
+    backoff: ExponentialBackoff,
+    /// When the next attempt is due.
+    due: Instant,
+    /// No attempt before this (backoff after a failure).
+    backoff_until: Instant,
+    /// No attempt before this (the server's `Retry-After`), manual requests included.
+    retry_until: Instant,
+    last_start: Option<Instant>,
+    failures: u32,
+    in_flight: bool,
+    again: bool,
+    revoked: bool,
+    wiped: bool,
+}
+
+fn backoff(cfg: &ScheduleConfig) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(cfg.backoff_min)
+        .with_max_delay(cfg.backoff_max)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+}
+
+impl Schedule {
+    /// A schedule whose first attempt is due at `now` (a starting agent syncs at once).
+    /// `seed` drives the jitter; print it when a test fails.
+    pub fn new(cfg: ScheduleConfig, seed: u64, now: Instant) -> Self {
+        Self {
+            cfg,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            backoff: backoff(&cfg),
+            due: now,
+            backoff_until: now,
+            retry_until: now,
+            last_start: None,
+            failures: 0,
+            in_flight: false,
+            again: false,
+            revoked: false,
+            wiped: false,
+        }
+    }
+
+    /// Failed attempts in a row.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// When the next attempt is planned (`None` while one runs, or once revoked).
+    pub fn next_attempt_at(&self) -> Option<Instant> {
+        (!self.in_flight && !self.revoked).then(|| self.earliest(self.due))
+    }
+
+    fn earliest(&self, t: Instant) -> Instant {
+        let gap = self.last_start.map_or(t, |s| s + self.cfg.min_gap);
+        t.max(gap)
+    }
+
+    fn jitter(&mut self, max: Duration) -> Duration {
+        if max.is_zero() {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(self.rng.gen_range(0..=max.as_millis() as u64))
+    }
+
+    /// Takes what happened at `now`.
+    pub fn on(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::TimerFired => {}
+            Input::EventsPending => {
+                if self.in_flight {
+                    self.again = true;
+                } else {
+                    let at = (now + self.cfg.soon)
+                        .max(self.backoff_until)
+                        .max(self.retry_until);
+                    self.due = self.due.min(at);
+                }
+            }
+            Input::ManualRequest => {
+                if self.in_flight {
+                    self.again = true;
+                } else {
+                    self.due = self.due.min(now.max(self.retry_until));
+                }
+            }
+            Input::ServerReachable => {
+                if self.failures > 0 && !self.in_flight {
+                    self.backoff_until = now;
+                    self.due = self.due.min(now.max(self.retry_until));
+                }
+            }
+            Input::Succeeded => {
+                self.in_flight = false;
+                self.failures = 0;
+                self.backoff = backoff(&self.cfg);
+                self.backoff_until = now;
+                self.retry_until = now;
+                self.due = if std::mem::take(&mut self.again) {
+                    now
+                } else {
+                    let j = self.jitter(self.cfg.interval_jitter);
+                    now + self.cfg.interval + j
+                };
+            }
+            Input::Failed { retry_after } => {
+                self.in_flight = false;
+                self.again = false;
+                self.failures = self.failures.saturating_add(1);
+                let ceiling = self.backoff.next().unwrap_or(self.cfg.backoff_max);
+                let spread = ceiling.saturating_sub(self.cfg.min_gap);
+                let mut wait = self.cfg.min_gap + self.jitter(spread);
+                if let Some(ra) = retry_after {
+                    let ra = ra.min(self.cfg.retry_after_max);
+                    self.retry_until = now + ra;
+                    wait = wait.max(ra);
+                }
+                self.backoff_until = now + wait;
+                self.due = self.backoff_until;
+            }
+            Input::Revoked => {
+                self.in_flight = false;
+                self.revoked = true;
+            }
+        }
+    }
+
+    /// What to do at `now`.
+    pub fn next(&mut self, now: Instant) -> Action {
+        if self.revoked {
+            if self.wiped {
+                return Action::Stop;
+            }
+            self.wiped = true;
+            return Action::Wipe;
+        }
+        if self.in_flight {
+            return Action::WaitForAttempt;
+        }
+        let at = self.earliest(self.due);
+        if now >= at {
+            self.in_flight = true;
+            self.last_start = Some(now);
+            Action::StartAttempt
+        } else {
+            Action::SleepUntil(at)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn cfg() -> ScheduleConfig {
+        ScheduleConfig::default()
+    }
+
+    fn seed() -> u64 {
+        let s = 0x5eed_2026;
+        eprintln!("schedule test seed: {s:#x}");
+        s
+    }
+
+    /// Runs an attempt that ends with `input`, returns the next planned wake-up.
+    fn attempt(s: &mut Schedule, input: Input) -> Instant {
+        let now = Instant::now();
+        assert_eq!(s.next(now), Action::StartAttempt);
+        s.on(input, now);
+        match s.next(now) {
+            Action::SleepUntil(t) => t,
+            other => panic!("expected a sleep, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_attempt_is_immediate_then_interval_with_jitter() {
+        let c = cfg();
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        let t = attempt(&mut s, Input::Succeeded);
+        let wait = t - Instant::now();
+        assert!(
+            wait >= c.interval && wait <= c.interval + c.interval_jitter,
+            "{wait:?}"
+        );
+        tokio::time::advance(wait).await;
+        assert_eq!(s.next(Instant::now()), Action::StartAttempt);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_pending_bring_the_attempt_forward_to_soon() {
+        let c = cfg();
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        attempt(&mut s, Input::Succeeded);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        s.on(Input::EventsPending, Instant::now());
+        assert_eq!(
+            s.next(Instant::now()),
+            Action::SleepUntil(Instant::now() + c.soon)
+        );
+        tokio::time::advance(c.soon).await;
+        assert_eq!(s.next(Instant::now()), Action::StartAttempt);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_grows_with_full_jitter_up_to_the_cap_and_resets_on_success() {
+        let c = cfg();
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        let mut waits = Vec::new();
+        for _ in 0..30 {
+            let t = attempt(&mut s, Input::Failed { retry_after: None });
+            let w = t - Instant::now();
+            assert!(w >= c.min_gap && w <= c.backoff_max, "{w:?}");
+            waits.push(w);
+            tokio::time::advance(w).await;
+        }
+        assert_eq!(s.consecutive_failures(), 30);
+        // Ceilings 2, 4, 8 s...: the first waits are short; later ones use the whole range
+        // up to the cap (full jitter: spread out, not all at the cap).
+        assert!(waits[0] <= Duration::from_secs(2));
+        assert!(waits[1] <= Duration::from_secs(4));
+        let late = &waits[15..];
+        assert!(
+            late.iter().any(|w| *w > Duration::from_secs(5 * 60)),
+            "{late:?}"
+        );
+        assert!(
+            late.iter().any(|w| *w < Duration::from_secs(10 * 60)),
+            "{late:?}"
+        );
+        // Over the 30 failures, the loop made 30 attempts, no more: it cannot spin.
+        let t = attempt(&mut s, Input::Succeeded);
+        assert_eq!(s.consecutive_failures(), 0);
+        assert!(t - Instant::now() >= c.interval);
+        // The next failure starts from the smallest ceiling again.
+        tokio::time::advance(t - Instant::now()).await;
+        let t = attempt(&mut s, Input::Failed { retry_after: None });
+        assert!(t - Instant::now() <= c.backoff_min);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_a_floor_even_for_manual_requests_and_is_capped() {
+        let c = cfg();
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        let t = attempt(
+            &mut s,
+            Input::Failed {
+                retry_after: Some(Duration::from_secs(120)),
+            },
+        );
+        assert!(t - Instant::now() >= Duration::from_secs(120));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        s.on(Input::ManualRequest, Instant::now());
+        s.on(Input::EventsPending, Instant::now());
+        s.on(Input::ServerReachable, Instant::now());
+        match s.next(Instant::now()) {
+            Action::SleepUntil(at) => assert!(at - Instant::now() >= Duration::from_secs(110)),
+            other => panic!("{other:?}"),
+        }
+        // A huge Retry-After is cut to the cap.
+        tokio::time::advance(t - Instant::now()).await;
+        let t = attempt(
+            &mut s,
+            Input::Failed {
+                retry_after: Some(Duration::from_secs(86400 * 30)),
+            },
+        );
+        assert_eq!(t - Instant::now(), c.retry_after_max);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn manual_request_and_server_reachable_end_a_backoff() {
+        let c = ScheduleConfig {
+            backoff_min: Duration::from_secs(600),
+            ..cfg()
+        };
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        let start = Instant::now();
+        attempt(&mut s, Input::Failed { retry_after: None });
+        attempt_at_least_gap(&mut s);
+        // Manual request: now (after the minimum gap).
+        let mut s2 = Schedule::new(c, seed(), start);
+        attempt(&mut s2, Input::Failed { retry_after: None });
+        tokio::time::advance(Duration::from_secs(2)).await;
+        s2.on(Input::ManualRequest, Instant::now());
+        assert_eq!(s2.next(Instant::now()), Action::StartAttempt);
+        // Events pending during a backoff do not shorten it.
+        s2.on(Input::Failed { retry_after: None }, Instant::now());
+        let before = s2.next_attempt_at().unwrap();
+        s2.on(Input::EventsPending, Instant::now());
+        assert_eq!(s2.next_attempt_at().unwrap(), before);
+    }
+
+    fn attempt_at_least_gap(s: &mut Schedule) {
+        // The server answered (online confirmation) right after a failure: the next attempt
+        // is as soon as the minimum gap allows, not after the backoff.
+        let now = Instant::now();
+        s.on(Input::ServerReachable, now);
+        assert_eq!(s.next(now), Action::SleepUntil(now + s.cfg.min_gap));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trigger_during_an_attempt_runs_one_more_after_it() {
+        let c = cfg();
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        assert_eq!(s.next(Instant::now()), Action::StartAttempt);
+        assert_eq!(s.next(Instant::now()), Action::WaitForAttempt);
+        s.on(Input::EventsPending, Instant::now());
+        s.on(Input::ManualRequest, Instant::now());
+        tokio::time::advance(Duration::from_millis(300)).await;
+        s.on(Input::Succeeded, Instant::now());
+        // Once, and not sooner than the minimum gap after the previous start.
+        let now = Instant::now();
+        assert_eq!(
+            s.next(now),
+            Action::SleepUntil(now + c.min_gap - Duration::from_millis(300))
+        );
+        tokio::time::advance(c.min_gap).await;
+        assert_eq!(s.next(Instant::now()), Action::StartAttempt);
+        s.on(Input::Succeeded, Instant::now());
+        assert!(s.next_attempt_at().unwrap() - Instant::now() >= c.interval);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revoked_wipes_once_then_stops() {
+        let mut s = Schedule::new(cfg(), seed(), Instant::now());
+        assert_eq!(s.next(Instant::now()), Action::StartAttempt);
+        s.on(Input::Revoked, Instant::now());
+        assert_eq!(s.next(Instant::now()), Action::Wipe);
+        assert_eq!(s.next(Instant::now()), Action::Stop);
+        s.on(Input::ManualRequest, Instant::now());
+        assert_eq!(s.next(Instant::now()), Action::Stop);
+        assert_eq!(s.next_attempt_at(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn same_seed_same_schedule() {
+        let run = |seed| {
+            let mut s = Schedule::new(cfg(), seed, Instant::now());
+            (0..10)
+                .map(|_| {
+                    let now = Instant::now();
+                    s.next(now);
+                    s.on(Input::Failed { retry_after: None }, now);
+                    s.next_attempt_at().unwrap() - now
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(seed()), run(seed()));
+        assert_ne!(run(seed()), run(seed() + 1));
+    }
+}
