@@ -25,6 +25,8 @@ pub mod codes {
     /// The event could not be read (unknown field value, wrong type) or breaks a limit.
     pub const MALFORMED_EVENT: &str = "malformed_event";
     /// `accessed_at` or `data_as_of` is impossible (before 2024, or more than a day ahead of
-    /// the server's clock).
+    /// the server's clock). No longer sent by the server: such events are stored and their
+    /// notifications carry `clock_suspect: true` (a lookup must reach the council even from
+    /// a tablet with a wrong clock). Kept so older agents' code still compiles.
     pub const IMPLAUSIBLE_TIME: &str = "implausible_time";
 }

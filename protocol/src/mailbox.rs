@@ -111,6 +111,12 @@ pub struct Notification {
     pub recent_contacts: Vec<RecentContact>,
     /// Unacknowledged for more than [`OVERDUE_AFTER_DAYS`] since it was queued.
     pub overdue: bool,
+    /// The tablet's clock was wrong when it recorded the lookup (`accessed_at` before 2024,
+    /// or more than a day ahead of the server): `accessed_at` is what the tablet said and
+    /// cannot be relied on; `received_at` (the server's clock) bounds when it happened.
+    /// Added after the first release: absent means `false`.
+    #[serde(default)]
+    pub clock_suspect: bool,
 }
 
 /// `GET /v1/councils/{ods}/notifications` answer.

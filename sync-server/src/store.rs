@@ -202,13 +202,21 @@ pub struct IngestEvent {
     pub event: AccessEvent,
     /// The event as JSON: stored verbatim, and compared when an id is sent again.
     pub body: String,
+    /// The tablet's clock was wrong ([`crate::ingest::clock_suspect`]): the receipt time
+    /// stands in for `accessed_at` in recent contacts.
+    pub clock_suspect: bool,
 }
 
 impl IngestEvent {
-    /// Prepares an event for storage.
-    pub fn new(event: AccessEvent) -> Result<Self, StoreError> {
+    /// Prepares an event received at `received_at` (the server's clock) for storage.
+    pub fn new(event: AccessEvent, received_at: DateTime<Utc>) -> Result<Self, StoreError> {
         let body = serde_json::to_string(&event).map_err(|e| StoreError::Task(e.to_string()))?;
-        Ok(Self { event, body })
+        let clock_suspect = crate::ingest::clock_suspect(&event, received_at);
+        Ok(Self {
+            event,
+            body,
+            clock_suspect,
+        })
     }
 }
 

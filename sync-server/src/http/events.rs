@@ -58,11 +58,15 @@ async fn store_events<S: Store>(
     if events.is_empty() && refused.is_empty() {
         return Ok(Vec::new());
     }
-    let accessed: Vec<DateTime<Utc>> = events.iter().map(|e| e.accessed_at).collect();
     let events = events
         .into_iter()
-        .map(IngestEvent::new)
+        .map(|e| IngestEvent::new(e, now))
         .collect::<Result<Vec<_>, _>>()?;
+    // A wrong tablet clock says nothing about delay: those events are left out of it.
+    let accessed: Vec<Option<DateTime<Utc>>> = events
+        .iter()
+        .map(|e| (!e.clock_suspect).then_some(e.event.accessed_at))
+        .collect();
     let outcomes = app
         .store
         .ingest_events(EventIngest {
@@ -81,8 +85,10 @@ async fn store_events<S: Store>(
     for (o, accessed_at) in outcomes.iter().zip(accessed) {
         if o.new {
             app.metrics.events.get_or_create(&labels("stored")).inc();
-            let delay = (now - accessed_at).num_milliseconds().max(0) as f64 / 1000.0;
-            app.metrics.event_delay_seconds.observe(delay);
+            if let Some(accessed_at) = accessed_at {
+                let delay = (now - accessed_at).num_milliseconds().max(0) as f64 / 1000.0;
+                app.metrics.event_delay_seconds.observe(delay);
+            }
         } else {
             app.metrics.events.get_or_create(&labels("duplicate")).inc();
         }

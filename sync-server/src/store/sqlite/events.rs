@@ -173,8 +173,8 @@ pub(super) fn ingest(
     }
     let mut insert = conn.prepare_cached(
         "INSERT OR IGNORE INTO events (event_id, device, trust, trust_name, nhs_number, result, \
-         accessed_at, received_at, source, body) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         accessed_at, received_at, source, body, clock_suspect) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
     let mut stored_body = conn.prepare_cached("SELECT body FROM events WHERE event_id = ?1")?;
     let mut notify = conn.prepare_cached(
@@ -207,7 +207,8 @@ pub(super) fn ingest(
             ms(e.accessed_at),
             ms(at),
             ingest.source.as_str(),
-            ie.body
+            ie.body,
+            ie.clock_suspect
         ])?;
         let new = inserted > 0;
         let mut conflict = false;
@@ -308,10 +309,12 @@ pub(super) fn ingest(
         }
         let mut contacts_changed = false;
         if !notified.is_empty() {
+            // A wrong tablet clock must not order (or date) the subject's contacts.
+            let when = if ie.clock_suspect { at } else { e.accessed_at };
             let added = contact.execute(params![
                 nhs_value,
                 id,
-                ms(e.accessed_at),
+                ms(when),
                 ingest.trust.as_str(),
                 trust_name,
                 setting_text(e.setting)
@@ -480,7 +483,8 @@ pub(super) fn list(
     let tx = conn.unchecked_transaction()?;
     let overdue_before = ms(now - chrono::Duration::days(OVERDUE_AFTER_DAYS));
     let mut stmt = tx.prepare_cached(
-        "SELECT n.id, n.plan_types, n.created_at, e.body, e.received_at, e.trust_name \
+        "SELECT n.id, n.plan_types, n.created_at, e.body, e.received_at, e.trust_name, \
+         e.clock_suspect \
          FROM notifications n JOIN events e ON e.event_id = n.event_id \
          WHERE n.council = ?1 AND n.acked_at IS NULL AND n.id > ?2 ORDER BY n.id LIMIT ?3",
     )?;
@@ -514,6 +518,7 @@ pub(super) fn list(
                 incident_ref: e.incident_ref,
                 recent_contacts: Vec::new(),
                 overdue: created_at < overdue_before,
+                clock_suspect: r.get(6)?,
             })
         },
     )?;
