@@ -1,8 +1,10 @@
 //! CP-IS Edge field tests: the real `cpis-sync-server` and `cpis-agent` binaries on loopback,
 //! through a fault-injecting TCP proxy ([`proxy`]), driven by a harness that starts, kills
-//! and restarts them ([`harness`]). The scenarios themselves are the integration tests in
+//! and restarts them ([`harness`]), and an HTTP-level man-in-the-middle that alters or
+//! replays signed answers ([`tamper`]). The scenarios themselves are the integration tests in
 //! `tests/it`; README.md lists them with their figures.
 
 pub mod harness;
 pub mod proxy;
 pub mod seed;
+pub mod tamper;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use cpis_field_tests::harness::{CouncilClient, ServerProcess, Tablet};
-use cpis_fixtures::{Config, Dataset};
+use cpis_fixtures::{Config, Dataset, Directory};
 use cpis_protocol::local::LookupResponse;
 use cpis_protocol::{
     CouncilCode, EventId, FlagRecord, LookupResult, NhsNumber, PlanType, RegionId, TrustCode,
@@ -34,6 +34,10 @@ pub(crate) struct Field {
     pub(crate) server: ServerProcess,
     pub(crate) region: RegionId,
     pub(crate) trust: TrustCode,
+    /// Every trust, region and council the server knows.
+    pub(crate) directory: Directory,
+    /// The region's own and neighbour councils (whose flags its tablets carry).
+    pub(crate) carried: BTreeSet<CouncilCode>,
     /// Every council's current list, as last uploaded.
     pub(crate) lists: BTreeMap<CouncilCode, Vec<FlagRecord>>,
     /// Upload clients of the region's councils that hold flags.
@@ -57,8 +61,13 @@ impl Field {
         }
         let as_of = chrono::Utc::now().date_naive();
         let config = Config::new(seed, as_of).with_regions(2).with_councils(4);
-        let directory = cpis_fixtures::Directory::generate(&config).unwrap();
+        let directory = Directory::generate(&config).unwrap();
         let region = directory.regions[0].clone();
+        let carried = directory
+            .carried_councils(&region.id)
+            .into_iter()
+            .cloned()
+            .collect();
         let dataset = Dataset::generate_region(&config, &region.id, flags).unwrap();
         let server = ServerProcess::init_and_start(
             &dir.path().join("server"),
@@ -72,6 +81,8 @@ impl Field {
             server,
             region: region.id.clone(),
             trust: region.trust.clone(),
+            directory: dataset.directory.clone(),
+            carried,
             lists: BTreeMap::new(),
             councils: BTreeMap::new(),
             head: 0,
@@ -82,8 +93,6 @@ impl Field {
             if list.is_empty() {
                 continue;
             }
-            let client = field.server.council(code).await.unwrap();
-            field.councils.insert(code.clone(), client);
             field.upload(code, list.clone()).await;
         }
         field
@@ -91,10 +100,13 @@ impl Field {
 
     /// Uploads a council's full list; returns the version after it.
     pub(crate) async fn upload(&mut self, code: &CouncilCode, list: Vec<FlagRecord>) -> u64 {
-        let receipt = self.councils[code]
+        let seed = self.seed;
+        let receipt = self
+            .council(code)
+            .await
             .upload(&list)
             .await
-            .unwrap_or_else(|e| panic!("upload for {code} (seed {}): {e:#}", self.seed));
+            .unwrap_or_else(|e| panic!("upload for {code} (seed {seed}): {e:#}"));
         self.lists.insert(code.clone(), list);
         self.head = self.head.max(receipt.version);
         let c = &receipt.counts;
@@ -151,9 +163,23 @@ impl Field {
             .unwrap()
     }
 
-    /// What a tablet holding the current lists must show.
+    /// What a tablet of the region holding the current lists must show.
     pub(crate) fn expected(&self) -> Expected {
-        Expected::of(self.lists.values().flatten())
+        Expected::of(
+            self.lists
+                .iter()
+                .filter(|(c, _)| self.carried.contains(*c))
+                .flat_map(|(_, l)| l),
+        )
+    }
+
+    /// A council's upload client (made on first use).
+    pub(crate) async fn council(&mut self, code: &CouncilCode) -> &CouncilClient {
+        if !self.councils.contains_key(code) {
+            let client = self.server.council(code).await.unwrap();
+            self.councils.insert(code.clone(), client);
+        }
+        &self.councils[code]
     }
 
     /// Notifications waiting in the councils' mailboxes.

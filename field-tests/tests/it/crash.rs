@@ -100,8 +100,8 @@ impl Run {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_agent_and_server_at_random_points_never_tears_the_data() {
     let seed = common::seed("kill-9");
-    let started = Instant::now();
     let field = Field::start(seed, FLAGS).await;
+    let started = Instant::now();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (council, base) = field
         .lists

@@ -10,3 +10,4 @@ mod proxy;
 mod resume;
 mod servers;
 mod slow_link;
+mod tamper;
