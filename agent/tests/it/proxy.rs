@@ -18,6 +18,10 @@ struct Budget {
     limit: u64,
     /// Connections cut so far.
     cuts: u64,
+    /// New connections are closed at once (the server is unreachable).
+    refuse: bool,
+    /// New connections are accepted and never answered.
+    blackhole: bool,
 }
 
 impl Budget {
@@ -48,6 +52,8 @@ impl Proxy {
             down: 0,
             limit: u64::MAX,
             cuts: 0,
+            refuse: false,
+            blackhole: false,
         }));
         let mut tasks = JoinSet::new();
         let b = budget.clone();
@@ -57,6 +63,21 @@ impl Proxy {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
+                let (refuse, blackhole) = {
+                    let g = b.lock().unwrap();
+                    (g.refuse, g.blackhole)
+                };
+                if refuse {
+                    drop(client);
+                    continue;
+                }
+                if blackhole {
+                    conns.spawn(async move {
+                        let _held = client;
+                        std::future::pending::<()>().await;
+                    });
+                    continue;
+                }
                 let b = b.clone();
                 conns.spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
@@ -86,7 +107,25 @@ impl Proxy {
 
     /// Lets everything through again.
     pub(crate) fn heal(&self) {
-        self.budget.lock().unwrap().limit = u64::MAX;
+        let mut b = self.budget.lock().unwrap();
+        b.limit = u64::MAX;
+        b.refuse = false;
+        b.blackhole = false;
+    }
+
+    /// The server becomes unreachable: open connections are cut at their next byte and new
+    /// ones closed at once.
+    pub(crate) fn go_offline(&self) {
+        let mut b = self.budget.lock().unwrap();
+        b.limit = b.down;
+        b.refuse = true;
+    }
+
+    /// New connections are accepted and never answered (open ones are cut).
+    pub(crate) fn blackhole(&self) {
+        let mut b = self.budget.lock().unwrap();
+        b.limit = b.down;
+        b.blackhole = true;
     }
 
     /// Connections cut so far.

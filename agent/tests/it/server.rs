@@ -118,6 +118,63 @@ impl Env {
         }
     }
 
+    /// Adds a region with one council (and its token).
+    pub(crate) async fn add_region_with_council(&mut self, region: &str, code: &str, name: &str) {
+        let s = self.handle.store();
+        s.add_region(region.parse().unwrap(), format!("Region {region}"), vec![])
+            .await
+            .unwrap();
+        s.add_council(CouncilInfo {
+            code: code.parse().unwrap(),
+            name: name.into(),
+            region: region.parse().unwrap(),
+            emergency_phone: "01772 000 000".into(),
+            office_phone: None,
+        })
+        .await
+        .unwrap();
+        let (token, hash) = tokens::new_secret(tokens::COUNCIL_PREFIX);
+        s.add_council_token(code.parse().unwrap(), hash, self.now())
+            .await
+            .unwrap();
+        self.council_tokens.push((code.to_owned(), token));
+    }
+
+    /// Every notification in a council's mailbox, over HTTPS with the council's token,
+    /// following `next`.
+    pub(crate) async fn mailbox(&self, ods: &str) -> Vec<cpis_protocol::mailbox::Notification> {
+        let token = &self
+            .council_tokens
+            .iter()
+            .find(|(c, _)| c == ods)
+            .unwrap()
+            .1;
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(cpis_agent::net::tls_config(&self.ca, None).unwrap())
+            .build()
+            .unwrap();
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut url = format!(
+                "{}{}?limit=1000",
+                self.base,
+                cpis_protocol::mailbox::notifications_path(ods)
+            );
+            if let Some(a) = &after {
+                url.push_str(&format!("&after={a}"));
+            }
+            let r = client.get(url).bearer_auth(token).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let page: cpis_protocol::mailbox::NotificationPage = r.json().await.unwrap();
+            all.extend(page.notifications);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return all,
+            }
+        }
+    }
+
     pub(crate) fn now(&self) -> DateTime<Utc> {
         use cpis_sync_server::clock::Clock as _;
         self.clock.now()
