@@ -15,4 +15,5 @@ mod harness;
 mod isolation;
 mod lifecycle;
 mod mailbox;
+mod packaging;
 mod uploads;
