@@ -4,6 +4,7 @@
 //! replays signed answers ([`tamper`]). The scenarios themselves are the integration tests in
 //! `tests/it`; README.md lists them with their figures.
 
+pub mod demo;
 pub mod harness;
 pub mod proxy;
 pub mod seed;

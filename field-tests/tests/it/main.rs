@@ -5,6 +5,7 @@
 
 mod common;
 mod crash;
+mod demo;
 mod offline;
 mod proxy;
 mod resume;
