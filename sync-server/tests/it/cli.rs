@@ -138,3 +138,39 @@ async fn init_refuses_an_existing_dir_and_admin_works_while_serving() {
     assert_eq!(missing.status.code(), Some(2));
     env.stop().await;
 }
+
+#[test]
+fn every_command_has_help_describing_it_and_each_option() {
+    let commands: &[&[&str]] = &[
+        &["init"],
+        &["serve"],
+        &["admin"],
+        &["admin", "trust", "add"],
+        &["admin", "region", "set-neighbours"],
+        &["admin", "council", "add"],
+        &["admin", "enrolment-token"],
+        &["admin", "device", "list"],
+        &["admin", "device", "revoke"],
+        &["admin", "mailbox", "list"],
+        &["admin", "signing-key", "roll"],
+        &["admin", "signing-key", "show"],
+        &["admin", "tls", "rotate-server-cert"],
+        &["admin", "tls", "status"],
+    ];
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = ok(&args);
+        assert!(
+            !help.lines().next().unwrap_or("").starts_with("Usage"),
+            "{command:?} has no description"
+        );
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim_start().starts_with("--") && !line.contains("--help") {
+                let next = lines.get(i + 1).map_or("", |l| l.trim());
+                assert!(!next.is_empty(), "{command:?}: {line} is not described");
+            }
+        }
+    }
+}
