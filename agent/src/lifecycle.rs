@@ -73,9 +73,9 @@ pub async fn renew_if_due(agent: &Agent, client: &DeviceClient) -> Result<bool, 
         )
         .into());
     }
-    if new_after <= not_after {
+    if new_after < not_after {
         return Err(NetError::Protocol(
-            "the renewed certificate does not expire later than the current one".into(),
+            "the renewed certificate expires before the current one".into(),
         )
         .into());
     }

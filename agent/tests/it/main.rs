@@ -10,6 +10,7 @@ mod common;
 mod crash;
 mod deps;
 mod freshness;
+mod lifecycle;
 mod lookup;
 mod net;
 mod plaintext;
