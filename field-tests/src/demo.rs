@@ -100,16 +100,15 @@ impl Steps {
 /// Runs the walkthrough; returns with the server, proxy and agent still up.
 pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
     let mut steps = Steps::new();
+    // Ports first, so that a port in use is reported before any work.
+    check_port_free(opts.server_port, "--server-port")?;
+    check_port_free(opts.agent_port, "--agent-port")?;
     let dir = prepare_dir(opts.dir.as_deref())?;
     println!(
         "CP-IS Edge demo: everything on 127.0.0.1, files in {}",
         dir.display()
     );
     println!();
-
-    // Ports first, so that a port in use is reported before any work.
-    check_port_free(opts.server_port, "--server-port")?;
-    check_port_free(opts.agent_port, "--agent-port")?;
 
     // 1. Binaries.
     let profile = build_profile();
@@ -124,7 +123,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
     steps.step(format!(
         "Binaries ready in {} ({}): cpis-sync-server and cpis-agent in {}",
         secs(t.elapsed()),
-        profile.unwrap_or_else(|| format!("from {}", harness::BIN_DIR_ENV)),
+        profile.unwrap_or_else(|| "found".to_owned()),
         bins.server
             .parent()
             .map_or_else(|| "?".into(), |p| p.display().to_string()),
@@ -1055,14 +1054,21 @@ fn locate_bins() -> anyhow::Result<&'static Bins> {
 }
 
 /// Which build profile the binaries come from (the running binary's own), or `None` when
-/// they come from [`harness::BIN_DIR_ENV`].
+/// they come from [`harness::BIN_DIR_ENV`] or this binary is not in a cargo target dir.
 fn build_profile() -> Option<String> {
     if std::env::var_os(harness::BIN_DIR_ENV).is_some() {
         return None;
     }
     let exe = std::env::current_exe().ok()?;
-    let profile = exe.parent()?.file_name()?.to_string_lossy().into_owned();
-    Some(format!("{profile} profile"))
+    let dir = exe.parent()?;
+    // <target>/<profile>/ or <target>/<triple>/<profile>/; the target dir holds CACHEDIR.TAG.
+    let in_target = dir
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .any(|d| d.join("CACHEDIR.TAG").exists());
+    let profile = dir.file_name()?.to_string_lossy().into_owned();
+    in_target.then(|| format!("{profile} profile"))
 }
 
 /// Fails with a clear message when a fixed port is taken.
