@@ -37,7 +37,7 @@ pub enum AgentError {
     NotEnrolled(String),
     #[error("already enrolled: {0}")]
     AlreadyEnrolled(String),
-    #[error("{0}")]
+    #[error(transparent)]
     InvalidNhsNumber(#[from] NhsNumberError),
     #[error("rejected: {0}")]
     Verify(#[from] VerifyError),

@@ -536,7 +536,8 @@ async fn admin(data_dir: &Path, config: Option<&Path>, command: Admin) -> anyhow
                 .map_err(classify)?;
             eprintln!(
                 "enrolment token for trust {trust}, region {region}: {uses} use(s), expires \
-                 {expires_at} (shown once):"
+                 {} (shown once):",
+                expires_at.format("%Y-%m-%d %H:%M UTC")
             );
             println!("{token}");
         }
