@@ -111,12 +111,23 @@ impl Tablet {
         self.cmd("sync").spawn_quiet()
     }
 
-    /// `cpis-agent lookup NHS --json`.
+    /// `cpis-agent lookup NHS --json`: the tablet's data, and for a miss the online national
+    /// check when the server answers in time.
     pub async fn lookup(&self, nhs: &NhsNumber) -> anyhow::Result<LookupResponse> {
+        self.lookup_with(nhs, &[]).await
+    }
+
+    /// `cpis-agent lookup NHS --json --offline`: the tablet's own data only.
+    pub async fn lookup_offline(&self, nhs: &NhsNumber) -> anyhow::Result<LookupResponse> {
+        self.lookup_with(nhs, &["--offline"]).await
+    }
+
+    async fn lookup_with(&self, nhs: &NhsNumber, extra: &[&str]) -> anyhow::Result<LookupResponse> {
         let out = self
             .cmd("lookup")
             .arg(nhs.to_string())
             .args(["--staff", "FIELD1", "--json"])
+            .args(extra)
             .run(self.timeout)
             .await?;
         serde_json::from_str(&out).with_context(|| format!("reading lookup --json: {out}"))

@@ -42,7 +42,8 @@ pub(crate) struct Field {
     pub(crate) lists: BTreeMap<CouncilCode, Vec<FlagRecord>>,
     /// Upload clients of the region's councils that hold flags.
     pub(crate) councils: BTreeMap<CouncilCode, CouncilClient>,
-    /// The version after the last upload.
+    /// The version after the region's last upload (another region's uploads take global
+    /// versions too, but are not this region's head).
     pub(crate) head: u64,
     /// Every upload the server acknowledged, in order.
     pub(crate) uploads: Vec<Published>,
@@ -108,7 +109,9 @@ impl Field {
             .await
             .unwrap_or_else(|e| panic!("upload for {code} (seed {seed}): {e:#}"));
         self.lists.insert(code.clone(), list);
-        self.head = self.head.max(receipt.version);
+        if self.carried.contains(code) {
+            self.head = self.head.max(receipt.version);
+        }
         let c = &receipt.counts;
         self.uploads.push(Published {
             version: receipt.version,

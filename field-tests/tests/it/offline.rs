@@ -75,6 +75,8 @@ async fn a_shift_offline_then_2g_delivers_every_notice_once() {
                 LookupResult::NotFlagged
             };
             assert_eq!(answer.result, want, "hour {hour}: {nhs} (seed {seed})");
+            // A miss's online national check could not reach the server.
+            assert_eq!(answer.national, None, "hour {hour} (seed {seed})");
             notices.record(&answer);
         }
         let out = tablet.try_sync().await.unwrap();

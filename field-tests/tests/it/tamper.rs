@@ -226,7 +226,7 @@ async fn tampered_answers_are_rejected_and_the_previous_data_kept() {
     // The first data was kept whole: same subjects, and the probe still answers flagged.
     let st = tablet_a.status().await.unwrap();
     assert_eq!(st.subjects, a1.subjects, "seed {seed}");
-    let answer = tablet_a.lookup(&probe).await.unwrap();
+    let answer = tablet_a.lookup_offline(&probe).await.unwrap();
     assert_eq!(
         answer.result,
         LookupResult::Flagged,
@@ -236,7 +236,7 @@ async fn tampered_answers_are_rejected_and_the_previous_data_kept() {
     // Without tampering the tablet moves on (the probe's flag is gone).
     let synced = tablet_a.sync().await.unwrap();
     assert!(synced.version >= Some(field.head), "seed {seed}");
-    let answer = tablet_a.lookup(&probe).await.unwrap();
+    let answer = tablet_a.lookup_offline(&probe).await.unwrap();
     assert_eq!(
         answer.result,
         LookupResult::NotFlagged,
