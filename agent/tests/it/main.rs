@@ -17,4 +17,5 @@ mod plaintext;
 mod proxy;
 mod resume;
 mod revoke;
+mod rollover;
 mod server;
