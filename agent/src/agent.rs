@@ -413,7 +413,8 @@ impl Agent {
     }
 
     /// Verifies a signed checkpoint (signature, region, rollback, expiry) and records its
-    /// server time. When the data is already at its head, the data is now as of its time.
+    /// server time. When the data is already at (or past) its head, the data is now as of its
+    /// time.
     pub fn accept_checkpoint(
         &self,
         signed: &SignedMessage,
@@ -427,7 +428,11 @@ impl Agent {
         cp.check(&position_of(&st), self.clock.now())?;
         st.seen_server_time = Some(cp.server_time);
         st.policy = cp.policy;
-        if st.data == Some((cp.epoch, cp.head_version)) {
+        // Data at (or, if fetched after a later change, past) the head is as of this checkpoint.
+        if st
+            .data
+            .is_some_and(|(epoch, version)| epoch == cp.epoch && version >= cp.head_version)
+        {
             self.mark_verified(&mut st, cp.server_time)?;
         }
         db.write_state(&self.keys, &st)?;
