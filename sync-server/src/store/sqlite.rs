@@ -396,6 +396,16 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
 
 // ---- queries shared by several operations ------------------------------------------------
 
+/// Fails with `StoreError::Missing("{what} {key}")` unless `sql` (a `SELECT 1 … = ?1`) finds
+/// a row for `key`.
+fn require(conn: &Connection, sql: &str, key: &str, what: &str) -> Result<(), StoreError> {
+    let found: Option<i64> = conn.query_row(sql, [key], |r| r.get(0)).optional()?;
+    if found.is_none() {
+        return Err(StoreError::Missing(format!("{what} {key}")));
+    }
+    Ok(())
+}
+
 fn head_version(conn: &Connection) -> Result<u64, StoreError> {
     let v: i64 = conn.query_row(
         "SELECT value FROM meta WHERE key = 'head_version'",
@@ -764,16 +774,12 @@ impl Store for SqliteStore {
         info: CouncilInfo,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.write(move |c| {
-            let region_exists: Option<i64> = c
-                .query_row(
-                    "SELECT 1 FROM regions WHERE id = ?1",
-                    [info.region.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if region_exists.is_none() {
-                return Err(StoreError::Missing(format!("region {}", info.region)));
-            }
+            require(
+                c,
+                "SELECT 1 FROM regions WHERE id = ?1",
+                info.region.as_str(),
+                "region",
+            )?;
             c.execute(
                 "INSERT INTO councils (code, name, region, emergency_phone, office_phone) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -803,16 +809,12 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.write(move |c| {
-            let exists: Option<i64> = c
-                .query_row(
-                    "SELECT 1 FROM councils WHERE code = ?1",
-                    [council.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if exists.is_none() {
-                return Err(StoreError::Missing(format!("council {council}")));
-            }
+            require(
+                c,
+                "SELECT 1 FROM councils WHERE code = ?1",
+                council.as_str(),
+                "council",
+            )?;
             c.execute(
                 "INSERT INTO council_tokens (hash, council, created_at) VALUES (?1, ?2, ?3)",
                 params![&hash[..], council.as_str(), ts(now)],
@@ -847,16 +849,12 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<UploadOutcome, StoreError>> + Send {
         self.write(move |c| {
-            let exists: Option<i64> = c
-                .query_row(
-                    "SELECT 1 FROM councils WHERE code = ?1",
-                    [council.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if exists.is_none() {
-                return Err(StoreError::Missing(format!("council {council}")));
-            }
+            require(
+                c,
+                "SELECT 1 FROM councils WHERE code = ?1",
+                council.as_str(),
+                "council",
+            )?;
             let current = council_flags(c, council.as_str())?;
             let (changes, counts) = reconcile::diff(current, rows);
             let version = record_changes(c, changes, "upload", now)?;
@@ -1048,26 +1046,18 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.write(move |c| {
-            let trust: Option<i64> = c
-                .query_row(
-                    "SELECT 1 FROM trusts WHERE code = ?1",
-                    [token.trust.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if trust.is_none() {
-                return Err(StoreError::Missing(format!("trust {}", token.trust)));
-            }
-            let region: Option<i64> = c
-                .query_row(
-                    "SELECT 1 FROM regions WHERE id = ?1",
-                    [token.region.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if region.is_none() {
-                return Err(StoreError::Missing(format!("region {}", token.region)));
-            }
+            require(
+                c,
+                "SELECT 1 FROM trusts WHERE code = ?1",
+                token.trust.as_str(),
+                "trust",
+            )?;
+            require(
+                c,
+                "SELECT 1 FROM regions WHERE id = ?1",
+                token.region.as_str(),
+                "region",
+            )?;
             c.execute(
                 "INSERT INTO enrolment_tokens (hash, trust, region, uses_left, expires_at, \
                  created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
