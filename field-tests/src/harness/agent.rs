@@ -2,6 +2,7 @@
 //! on (enrol, sync, lookup and status with `--json`), a sync that can be killed part way, and
 //! [`AgentDaemon`], the local API (`cpis-agent run`) on loopback.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,6 +24,10 @@ pub struct Tablet {
     state_dir: PathBuf,
     signing_key: Option<PublicKey>,
     timeout: Duration,
+    /// Extra environment for every `cpis-agent` this tablet runs (e.g. `LD_PRELOAD`).
+    envs: Vec<(OsString, OsString)>,
+    /// A program (and its arguments) that `cpis-agent ARGS` is run under, if any.
+    launcher: Vec<OsString>,
 }
 
 impl Tablet {
@@ -33,6 +38,8 @@ impl Tablet {
             state_dir: state_dir.to_owned(),
             signing_key: None,
             timeout: COMMAND_TIMEOUT,
+            envs: Vec::new(),
+            launcher: Vec::new(),
         })
     }
 
@@ -79,6 +86,24 @@ impl Tablet {
         self
     }
 
+    /// The same tablet with `key=value` in the environment of every `cpis-agent` it runs
+    /// (how the clock scenario preloads libfaketime: the product binary, its own clock code).
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// The same tablet running `PROGRAM ARGS... cpis-agent ...` instead of `cpis-agent ...`
+    /// (e.g. `unshare --mount` with a script that stages a reboot's boot id).
+    pub fn with_launcher<I, S>(mut self, launcher: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.launcher = launcher.into_iter().map(Into::into).collect();
+        self
+    }
+
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
@@ -89,10 +114,14 @@ impl Tablet {
     }
 
     fn cmd(&self, sub: &str) -> Cmd {
-        Cmd::new(&self.bin)
-            .arg(sub)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => Cmd::new(program).args(args).arg(&self.bin),
+            None => Cmd::new(&self.bin),
+        };
+        for (k, v) in &self.envs {
+            cmd = cmd.env(k, v);
+        }
+        cmd.arg(sub).arg("--state-dir").arg(&self.state_dir)
     }
 
     /// `cpis-agent sync --json`, requiring success.
