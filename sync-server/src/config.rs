@@ -33,6 +33,8 @@ pub enum ConfigError {
     },
     #[error("invalid policy: {0}")]
     Policy(&'static str),
+    #[error("council_overdue_hours must be at least 1")]
+    OverdueHours,
 }
 
 /// Everything `serve` needs besides the data dir's keys and database.
@@ -61,8 +63,42 @@ pub struct Config {
     pub snapshot_cache_bytes: usize,
     /// Validity of device client certificates, in days.
     pub device_cert_days: u32,
+    /// The council inbox page marks a notice overdue once it has waited longer than this
+    /// many hours unacknowledged (`CPIS_COUNCIL_OVERDUE_HOURS`; at least 1). The default,
+    /// 120 (5 days), is the API's `overdue`.
+    pub council_overdue_hours: u64,
     /// Freshness policy sent in every checkpoint.
     pub policy: PolicyConfig,
+    /// How requests beyond what the server can serve are turned away (see `shed`).
+    pub load_shedding: SheddingConfig,
+}
+
+/// Load shedding beyond `max_concurrent_requests`: the 503 `Retry-After` spread and the
+/// per-device rate limit (429). See the `shed` module for the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SheddingConfig {
+    /// Longest `Retry-After` of a 503, in seconds (`CPIS_SHED_RETRY_AFTER_MAX_SECS`).
+    pub retry_after_max_secs: u64,
+    /// Requests a device regains per minute; 0 turns the per-device limit off
+    /// (`CPIS_DEVICE_REQUESTS_PER_MINUTE`).
+    pub device_requests_per_minute: u32,
+    /// Requests a device may make in a burst (`CPIS_DEVICE_BURST`).
+    pub device_burst: u32,
+    /// Devices whose rate is tracked at once (memory bound, about 100 bytes each)
+    /// (`CPIS_MAX_TRACKED_DEVICES`).
+    pub max_tracked_devices: usize,
+}
+
+impl Default for SheddingConfig {
+    fn default() -> Self {
+        Self {
+            retry_after_max_secs: 60,
+            device_requests_per_minute: 600,
+            device_burst: 1200,
+            max_tracked_devices: 200_000,
+        }
+    }
 }
 
 /// The freshness policy, in seconds (protocol defaults).
@@ -110,7 +146,9 @@ impl Default for Config {
             zstd_level: 9,
             snapshot_cache_bytes: 256 * 1024 * 1024,
             device_cert_days: 365,
+            council_overdue_hours: 24 * cpis_protocol::mailbox::OVERDUE_AFTER_DAYS as u64,
             policy: PolicyConfig::default(),
+            load_shedding: SheddingConfig::default(),
         }
     }
 }
@@ -160,6 +198,9 @@ impl Config {
             .policy()
             .validate()
             .map_err(ConfigError::Policy)?;
+        if config.council_overdue_hours == 0 {
+            return Err(ConfigError::OverdueHours);
+        }
         Ok(config)
     }
 
@@ -193,6 +234,11 @@ impl Config {
             get,
             &mut self.snapshot_cache_bytes,
         )?;
+        env_parse(
+            "CPIS_COUNCIL_OVERDUE_HOURS",
+            get,
+            &mut self.council_overdue_hours,
+        )?;
         Ok(())
     }
 
@@ -211,7 +257,8 @@ impl Config {
              # Largest access-event batch body in bytes (at most 500 events a batch); larger\n\
              # gets 413. CPIS_MAX_EVENT_BATCH_BYTES\n\
              max_event_batch_bytes = {mebb}\n\
-             # Requests in flight before new ones are shed with 503 + Retry-After.\n\
+             # Requests in flight before new ones are shed with 503 + Retry-After (/healthz and\n\
+             # /metrics are never shed). CPIS_MAX_CONCURRENT_REQUESTS\n\
              max_concurrent_requests = {mcr}\n\
              # Lifetime of a signed checkpoint in seconds.\n\
              checkpoint_ttl_secs = {ttl}\n\
@@ -223,11 +270,26 @@ impl Config {
              zstd_level = {z}\n\
              snapshot_cache_bytes = {scb}\n\
              device_cert_days = {dcd}\n\
+             # The council inbox page marks notices unacknowledged for longer than this many\n\
+             # hours as overdue (120 = 5 days, as the API's `overdue`). CPIS_COUNCIL_OVERDUE_HOURS\n\
+             council_overdue_hours = {coh}\n\
              \n\
              [policy]\n\
              fresh_secs = {fresh}\n\
              expiry_secs = {expiry}\n\
-             wipe_secs = {wipe}\n",
+             wipe_secs = {wipe}\n\
+             \n\
+             [load_shedding]\n\
+             # A 503's Retry-After is a random 1..=N seconds, N = requests shed per request\n\
+             # admitted in the last second, capped here. CPIS_SHED_RETRY_AFTER_MAX_SECS\n\
+             retry_after_max_secs = {ramax}\n\
+             # Per device (client certificate): a burst of device_burst requests, refilled at\n\
+             # device_requests_per_minute; beyond it 429 + Retry-After. 0 per minute: no limit.\n\
+             # CPIS_DEVICE_REQUESTS_PER_MINUTE, CPIS_DEVICE_BURST\n\
+             device_requests_per_minute = {drpm}\n\
+             device_burst = {db}\n\
+             # Devices tracked at once (memory bound). CPIS_MAX_TRACKED_DEVICES\n\
+             max_tracked_devices = {mtd}\n",
             listen = d.listen,
             mub = d.max_upload_bytes,
             mebb = d.max_event_batch_bytes,
@@ -239,9 +301,14 @@ impl Config {
             z = d.zstd_level,
             scb = d.snapshot_cache_bytes,
             dcd = d.device_cert_days,
+            coh = d.council_overdue_hours,
             fresh = p.fresh_secs,
             expiry = p.expiry_secs,
             wipe = p.wipe_secs,
+            ramax = d.load_shedding.retry_after_max_secs,
+            drpm = d.load_shedding.device_requests_per_minute,
+            db = d.load_shedding.device_burst,
+            mtd = d.load_shedding.max_tracked_devices,
         )
     }
 }

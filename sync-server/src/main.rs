@@ -175,6 +175,13 @@ enum TrustCmd {
     },
     /// List trusts.
     List,
+    /// Create a new admin token for a trust's fleet page (/fleet) and print it once (only
+    /// its hash is kept). It shows and revokes that trust's tablets only.
+    Token {
+        /// The trust's ODS code, e.g. RX9.
+        #[arg(long, value_name = "CODE")]
+        trust: TrustCode,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -419,6 +426,17 @@ async fn admin(data_dir: &Path, config: Option<&Path>, command: Admin) -> anyhow
                 .await
                 .map_err(classify)?;
             println!("added trust {ods} ({name})");
+        }
+        Admin::Trust(TrustCmd::Token { trust }) => {
+            let (token, hash) = tokens::new_secret(tokens::TRUST_ADMIN_PREFIX);
+            store
+                .add_trust_admin_token(trust.clone(), hash, now)
+                .await
+                .map_err(classify)?;
+            eprintln!(
+                "fleet page admin token for trust {trust} (shown once; only its hash is kept):"
+            );
+            println!("{token}");
         }
         Admin::Trust(TrustCmd::List) => {
             for t in store.trusts().await? {

@@ -8,7 +8,7 @@
 use std::future::Future;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use cpis_protocol::api::UploadCounts;
+use cpis_protocol::api::{UploadCounts, UploadError};
 use cpis_protocol::mailbox::{Notification, NotificationId};
 use cpis_protocol::{
     AccessEvent, CouncilCode, CouncilInfo, DeviceId, DeviceReport, EventId, FlagRecord,
@@ -302,6 +302,47 @@ pub struct NationalLookup {
     pub contacts: Vec<RecentContact>,
 }
 
+/// Upload attempts kept per council for the uploads page (applied ones also stay in the
+/// upload receipts, which are not pruned).
+pub const MAX_UPLOAD_ATTEMPTS: usize = 100;
+/// Errors kept of one refused upload (its error count is kept in full).
+pub const MAX_KEPT_UPLOAD_ERRORS: usize = 100;
+
+/// An upload the server refused, as the council's uploads page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedUpload {
+    /// The refusal in words, as answered to the council.
+    pub message: String,
+    /// How many errors the upload had.
+    pub error_count: u64,
+    /// The first [`MAX_KEPT_UPLOAD_ERRORS`] row/field errors (none for a refusal of the whole
+    /// body, e.g. too large).
+    pub errors: Vec<UploadError>,
+}
+
+/// What became of an upload attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Applied: the receipt the council got.
+    Applied {
+        upload_id: Uuid,
+        counts: UploadCounts,
+        version: u64,
+    },
+    /// Refused: nothing was applied.
+    Refused(RefusedUpload),
+}
+
+/// One of a council's upload attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadAttempt {
+    /// Increases with every attempt recorded (any council).
+    pub seq: u64,
+    /// The server's clock.
+    pub received_at: DateTime<Utc>,
+    pub outcome: AttemptOutcome,
+}
+
 /// The server's storage. Implemented by [`SqliteStore`]; a PostgreSQL backend follows.
 pub trait Store: Send + Sync + 'static {
     /// Adds a trust. `Conflict` if the code exists.
@@ -554,4 +595,40 @@ pub trait Store: Send + Sync + 'static {
     fn current_signing_key(
         &self,
     ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Records an upload the server refused (nothing applied), keeping the council's newest
+    /// [`MAX_UPLOAD_ATTEMPTS`] attempts. Applied uploads are recorded by `apply_upload`.
+    fn record_refused_upload(
+        &self,
+        council: CouncilCode,
+        refused: RefusedUpload,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The council's newest upload attempts (applied and refused), newest first.
+    fn upload_attempts(
+        &self,
+        council: CouncilCode,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<UploadAttempt>, StoreError>> + Send;
+
+    /// Records a trust admin token (by its SHA-256 hash). `Missing` for an unknown trust.
+    fn add_trust_admin_token(
+        &self,
+        trust: TrustCode,
+        hash: [u8; 32],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The trust an admin token hash belongs to.
+    fn trust_for_admin_token(
+        &self,
+        hash: [u8; 32],
+    ) -> impl Future<Output = Result<Option<TrustCode>, StoreError>> + Send;
+
+    /// One trust's devices with their latest reports, newest enrolment first.
+    fn trust_fleet(
+        &self,
+        trust: TrustCode,
+    ) -> impl Future<Output = Result<Vec<FleetEntry>, StoreError>> + Send;
 }

@@ -1,4 +1,5 @@
-//! Bearer secrets (council tokens, enrolment tokens): random, shown once, stored as SHA-256.
+//! Bearer secrets (council tokens, enrolment tokens, trust admin tokens): random, shown once,
+//! stored as SHA-256.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -9,6 +10,8 @@ use sha2::{Digest as _, Sha256};
 pub const COUNCIL_PREFIX: &str = "cpis_ct_";
 /// Prefix of enrolment tokens.
 pub const ENROLMENT_PREFIX: &str = "cpis_et_";
+/// Prefix of trust admin tokens (sign-in to the trust's fleet page).
+pub const TRUST_ADMIN_PREFIX: &str = "cpis_at_";
 
 /// A new random secret with `prefix` (256 bits of entropy) and its hash.
 pub fn new_secret(prefix: &str) -> (String, [u8; 32]) {

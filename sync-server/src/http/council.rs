@@ -1,4 +1,6 @@
-//! The council API: bearer-token authentication and uploads.
+//! The council API: bearer-token authentication and uploads. Every upload attempt of an
+//! authenticated council is recorded for its uploads page: applied ones by the store with
+//! the receipt, refused ones (invalid rows, too large) here.
 
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use uuid::Uuid;
 
 use super::{ApiError, App};
 use crate::metrics::UploadLabels;
-use crate::store::Store;
+use crate::store::{MAX_KEPT_UPLOAD_ERRORS, RefusedUpload, Store};
 use crate::tokens;
 use crate::upload::{self, Invalid, UploadOptions};
 
@@ -61,14 +63,24 @@ pub(crate) async fn upload<S: Store>(
 ) -> Result<Response, ApiError> {
     let council = authorise(&app, &headers, &ods).await?;
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(app.config.max_upload_bytes)
-        } else {
-            ApiError::bad_request("bad_body", e.body_text())
-        }
-    })?;
     let now = app.clock.now();
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => {
+            let error = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large(app.config.max_upload_bytes)
+            } else {
+                ApiError::bad_request("bad_body", e.body_text())
+            };
+            let refused = RefusedUpload {
+                message: error.body.error.message.clone(),
+                error_count: 1,
+                errors: Vec::new(),
+            };
+            record_refusal(&app, &council, refused, now).await;
+            return Err(error);
+        }
+    };
     let today = now.date_naive();
     let options = UploadOptions {
         allow_empty: query.allow_empty,
@@ -97,6 +109,17 @@ pub(crate) async fn upload<S: Store>(
                 },
                 errors,
             };
+            let refused = RefusedUpload {
+                message: rejection.error.message.clone(),
+                error_count: rejection.errors.len() as u64,
+                errors: rejection
+                    .errors
+                    .iter()
+                    .take(MAX_KEPT_UPLOAD_ERRORS)
+                    .cloned()
+                    .collect(),
+            };
+            record_refusal(&app, &council, refused, now).await;
             return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(rejection)).into_response());
         }
     };
@@ -131,4 +154,21 @@ pub(crate) async fn upload<S: Store>(
         version: outcome.version,
     })
     .into_response())
+}
+
+/// Records a refused upload for the council's uploads page. The refusal is answered whether
+/// or not this works: a failure is logged.
+async fn record_refusal<S: Store>(
+    app: &App<S>,
+    council: &CouncilCode,
+    refused: RefusedUpload,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    if let Err(e) = app
+        .store
+        .record_refused_upload(council.clone(), refused, now)
+        .await
+    {
+        tracing::warn!(%council, error = %e, "recording a refused upload failed");
+    }
 }

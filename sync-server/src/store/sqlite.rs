@@ -21,9 +21,9 @@ use uuid::Uuid;
 
 use super::{
     AuditEntry, DeviceRecord, EventId, EventIngest, FleetEntry, IngestOutcome, KeyRolloverRecord,
-    LogRetention, MailboxStats, NationalLookup, NewDevice, NewEnrolmentToken, RegionChanges,
-    RegionHead, RegionRecord, RegionSnapshot, Store, StoreError, StoredEvent, TokenRefusal,
-    TrustRecord, UploadOutcome,
+    LogRetention, MailboxStats, NationalLookup, NewDevice, NewEnrolmentToken, RefusedUpload,
+    RegionChanges, RegionHead, RegionRecord, RegionSnapshot, Store, StoreError, StoredEvent,
+    TokenRefusal, TrustRecord, UploadAttempt, UploadOutcome,
 };
 use crate::reconcile;
 use cpis_protocol::mailbox::{Notification, NotificationId};
@@ -31,6 +31,7 @@ use cpis_protocol::{RecentContact, SubjectContacts};
 
 mod events;
 mod lifecycle;
+mod pages;
 
 /// The schema, one entry per migration; `user_version` counts the applied ones.
 const MIGRATIONS: &[&str] = &[
@@ -89,6 +90,7 @@ CREATE TABLE devices (
 "#,
     events::MIGRATION,
     lifecycle::MIGRATION,
+    pages::MIGRATION,
 ];
 
 /// Jobs the writer batches into one transaction.
@@ -874,6 +876,7 @@ impl Store for SqliteStore {
                     version as i64
                 ],
             )?;
+            pages::record_attempt(c, &council, now, Some(upload_id), None)?;
             Ok(UploadOutcome { counts, version })
         })
     }
@@ -1275,7 +1278,7 @@ impl Store for SqliteStore {
     }
 
     fn fleet(&self) -> impl Future<Output = Result<Vec<FleetEntry>, StoreError>> + Send {
-        self.read(lifecycle::fleet)
+        self.read(|c| lifecycle::fleet(c, None))
     }
 
     fn add_key_rollover(
@@ -1295,5 +1298,44 @@ impl Store for SqliteStore {
         &self,
     ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send {
         self.read(lifecycle::current_key)
+    }
+    fn record_refused_upload(
+        &self,
+        council: CouncilCode,
+        refused: RefusedUpload,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(move |c| pages::record_refusal(c, &council, &refused, now))
+    }
+
+    fn upload_attempts(
+        &self,
+        council: CouncilCode,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<UploadAttempt>, StoreError>> + Send {
+        self.read(move |c| pages::attempts(c, &council, limit))
+    }
+
+    fn add_trust_admin_token(
+        &self,
+        trust: TrustCode,
+        hash: [u8; 32],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(move |c| pages::add_admin_token(c, &trust, &hash, now))
+    }
+
+    fn trust_for_admin_token(
+        &self,
+        hash: [u8; 32],
+    ) -> impl Future<Output = Result<Option<TrustCode>, StoreError>> + Send {
+        self.read(move |c| pages::trust_for_admin_token(c, &hash))
+    }
+
+    fn trust_fleet(
+        &self,
+        trust: TrustCode,
+    ) -> impl Future<Output = Result<Vec<FleetEntry>, StoreError>> + Send {
+        self.read(move |c| lifecycle::fleet(c, Some(&trust)))
     }
 }

@@ -2,7 +2,7 @@
 //! renewals, and the chain of signed feed signing key rollovers.
 
 use chrono::{DateTime, Utc};
-use cpis_protocol::{DeviceId, DeviceReport, KeyRollover, PublicKey, SignedMessage};
+use cpis_protocol::{DeviceId, DeviceReport, KeyRollover, PublicKey, SignedMessage, TrustCode};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{DEVICE_COLS, bad, device_from_row, read_device, ts};
@@ -64,17 +64,22 @@ pub(super) fn renew(
     Ok(())
 }
 
-pub(super) fn fleet(c: &Connection) -> Result<Vec<FleetEntry>, StoreError> {
+/// Every device (or one trust's) with its latest report, newest enrolment first.
+pub(super) fn fleet(
+    c: &Connection,
+    trust: Option<&TrustCode>,
+) -> Result<Vec<FleetEntry>, StoreError> {
     let cols: Vec<String> = DEVICE_COLS
         .split(',')
         .map(|col| format!("d.{}", col.trim()))
         .collect();
     let mut stmt = c.prepare(&format!(
         "SELECT {}, r.body, r.received_at FROM devices d \
-         LEFT JOIN device_reports r ON r.device = d.id ORDER BY d.enrolled_at DESC, d.id DESC",
+         LEFT JOIN device_reports r ON r.device = d.id WHERE ?1 IS NULL OR d.trust = ?1 \
+         ORDER BY d.enrolled_at DESC, d.id DESC",
         cols.join(", ")
     ))?;
-    let rows = stmt.query_map([], |row| {
+    let rows = stmt.query_map([trust.map(TrustCode::as_str)], |row| {
         let device = device_from_row(row)?;
         let body: Option<String> = row.get(9)?;
         let received: Option<i64> = row.get(10)?;

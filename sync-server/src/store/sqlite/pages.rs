@@ -1,0 +1,176 @@
+//! SQL behind the council and fleet pages: every council's recent upload attempts (applied
+//! and refused, bounded per council) and the trusts' admin tokens.
+
+use chrono::{DateTime, Utc};
+use cpis_protocol::api::{UploadCounts, UploadError};
+use cpis_protocol::{CouncilCode, TrustCode};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use subtle::ConstantTimeEq as _;
+
+use super::{bad, from_ts, parse_col, require, ts};
+use crate::store::{AttemptOutcome, MAX_UPLOAD_ATTEMPTS, RefusedUpload, StoreError, UploadAttempt};
+
+/// Schema of upload attempts and trust admin tokens (migration 4). Applied uploads already
+/// recorded are carried over (the newest [`MAX_UPLOAD_ATTEMPTS`] of each council).
+pub(super) const MIGRATION: &str = r#"
+CREATE TABLE upload_attempts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, council TEXT NOT NULL, received_at INTEGER NOT NULL,
+    upload_id TEXT, message TEXT, error_count INTEGER NOT NULL DEFAULT 0, errors TEXT
+) STRICT;
+CREATE INDEX upload_attempts_council ON upload_attempts(council, seq);
+INSERT INTO upload_attempts (council, received_at, upload_id)
+    SELECT council, received_at, id FROM (
+        SELECT council, received_at, id, row_number() OVER (
+            PARTITION BY council ORDER BY received_at DESC, id DESC) AS n
+        FROM uploads)
+    WHERE n <= 100 ORDER BY received_at, id;
+CREATE TABLE trust_admin_tokens (
+    hash BLOB PRIMARY KEY, trust TEXT NOT NULL REFERENCES trusts(code),
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX devices_trust ON devices(trust);
+"#;
+
+/// Records an attempt (applied: `upload_id`; refused: the refusal) and drops the council's
+/// attempts beyond the newest [`MAX_UPLOAD_ATTEMPTS`].
+pub(super) fn record_attempt(
+    c: &Connection,
+    council: &CouncilCode,
+    received_at: DateTime<Utc>,
+    upload_id: Option<uuid::Uuid>,
+    refused: Option<&RefusedUpload>,
+) -> Result<(), StoreError> {
+    let errors = refused
+        .map(|r| serde_json::to_string(&r.errors))
+        .transpose()
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+    c.execute(
+        "INSERT INTO upload_attempts (council, received_at, upload_id, message, error_count, \
+         errors) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            council.as_str(),
+            ts(received_at),
+            upload_id.map(|u| u.to_string()),
+            refused.map(|r| r.message.as_str()),
+            refused.map_or(0, |r| i64::try_from(r.error_count).unwrap_or(i64::MAX)),
+            errors
+        ],
+    )?;
+    c.execute(
+        "DELETE FROM upload_attempts WHERE council = ?1 AND seq <= (SELECT seq FROM \
+         upload_attempts WHERE council = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+        params![council.as_str(), MAX_UPLOAD_ATTEMPTS as i64],
+    )?;
+    Ok(())
+}
+
+pub(super) fn record_refusal(
+    c: &Connection,
+    council: &CouncilCode,
+    refused: &RefusedUpload,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    require(
+        c,
+        "SELECT 1 FROM councils WHERE code = ?1",
+        council.as_str(),
+        "council",
+    )?;
+    record_attempt(c, council, now, None, Some(refused))
+}
+
+fn attempt_from_row(row: &Row<'_>) -> Result<UploadAttempt, rusqlite::Error> {
+    let seq: i64 = row.get(0)?;
+    let received_at = from_ts(1, row.get(1)?)?;
+    let upload_id: Option<String> = row.get(2)?;
+    let outcome = match upload_id {
+        Some(id) => {
+            let counts = |i: usize| -> Result<u64, rusqlite::Error> {
+                Ok(row.get::<_, Option<i64>>(i)?.unwrap_or(0) as u64)
+            };
+            AttemptOutcome::Applied {
+                upload_id: id.parse().map_err(|e| bad(2, e))?,
+                counts: UploadCounts {
+                    rows: counts(6)?,
+                    added: counts(7)?,
+                    updated: counts(8)?,
+                    ended: counts(9)?,
+                    removed: counts(10)?,
+                    unchanged: counts(11)?,
+                },
+                version: counts(12)?,
+            }
+        }
+        None => {
+            let errors: Option<String> = row.get(5)?;
+            let errors: Vec<UploadError> = match errors {
+                Some(text) => serde_json::from_str(&text).map_err(|e| bad(5, e))?,
+                None => Vec::new(),
+            };
+            AttemptOutcome::Refused(RefusedUpload {
+                message: row.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                error_count: row.get::<_, i64>(4)? as u64,
+                errors,
+            })
+        }
+    };
+    Ok(UploadAttempt {
+        seq: seq as u64,
+        received_at,
+        outcome,
+    })
+}
+
+/// The council's newest attempts first.
+pub(super) fn attempts(
+    c: &Connection,
+    council: &CouncilCode,
+    limit: u32,
+) -> Result<Vec<UploadAttempt>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT a.seq, a.received_at, a.upload_id, a.message, a.error_count, a.errors, \
+         u.rows, u.added, u.updated, u.ended, u.removed, u.unchanged, u.version \
+         FROM upload_attempts a LEFT JOIN uploads u ON u.id = a.upload_id \
+         WHERE a.council = ?1 ORDER BY a.seq DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(
+        params![council.as_str(), i64::from(limit)],
+        attempt_from_row,
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub(super) fn add_admin_token(
+    c: &Connection,
+    trust: &TrustCode,
+    hash: &[u8; 32],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    require(
+        c,
+        "SELECT 1 FROM trusts WHERE code = ?1",
+        trust.as_str(),
+        "trust",
+    )?;
+    c.execute(
+        "INSERT INTO trust_admin_tokens (hash, trust, created_at) VALUES (?1, ?2, ?3)",
+        params![&hash[..], trust.as_str(), ts(now)],
+    )?;
+    Ok(())
+}
+
+pub(super) fn trust_for_admin_token(
+    c: &Connection,
+    hash: &[u8; 32],
+) -> Result<Option<TrustCode>, StoreError> {
+    let row = c
+        .query_row(
+            "SELECT hash, trust FROM trust_admin_tokens WHERE hash = ?1",
+            [&hash[..]],
+            |r| Ok((r.get::<_, Vec<u8>>(0)?, parse_col::<TrustCode>(r, 1)?)),
+        )
+        .optional()?;
+    Ok(row.and_then(|(stored, trust)| {
+        bool::from(stored.as_slice().ct_eq(&hash[..])).then_some(trust)
+    }))
+}
