@@ -1,0 +1,469 @@
+//! The tablet's clock jumped 30 days forward or 2 days back, with the real `cpis-agent` binary
+//! run under Debian's libfaketime (`LD_PRELOAD`, `FAKETIME=+29d|+30d|-2d`; installed by
+//! `scripts/install-faketime.sh` when missing). libfaketime moves the wall clock the agent
+//! reads (`clock_gettime(CLOCK_REALTIME)`, hence `SystemTime`, rustls' certificate checks and
+//! the checkpoint expiry check) but not `/proc/uptime` and the kernel boot id, which are file
+//! reads: the agent's boot clock stays true, as it does when a user changes a tablet's date.
+//! `FAKETIME_DONT_FAKE_MONOTONIC=1` keeps the monotonic clock (tokio's timers) true as well.
+//!
+//! The freshness rule under test (DESIGN.md §2 rule 2, `agent/src/freshness.rs`): the age of
+//! the data is the largest of `now − as_of`, `now − verified_local`, `high_water −
+//! verified_local` and the boot clock's elapsed time in the same boot, never below zero. So a
+//! clock moved back cannot make the data fresher than real time allows, and a clock moved
+//! forward makes it look older (erring towards `expired` and, past the wipe age, towards the
+//! self-wipe of rule 6). The server's policy is made short (fresh 3 s, expiry 1 day; wipe
+//! 30 days as by default) so that real seconds matter. Each freshness assertion marked
+//! "[wall]" would fail if the agent judged age by its wall clock alone (`now − as_of`).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use cpis_field_tests::harness::process::Cmd;
+use cpis_field_tests::harness::{ADMIN_TIMEOUT, Tablet, bins};
+use cpis_protocol::local::LookupResponse;
+use cpis_protocol::mailbox::Notification;
+use cpis_protocol::{EventId, Freshness, LookupResult, NhsNumber};
+
+use crate::common::{self, Field, Notices};
+
+const FLAGS: usize = 400;
+const FRESH_SECS: u64 = 3;
+const EXPIRY_SECS: u64 = 86_400;
+const DAY: u64 = 86_400;
+/// The default wipe age, which the scenario keeps.
+const WIPE_SECS: u64 = 30 * DAY;
+
+/// Where libfaketime is, installed by the repository's script when missing.
+fn libfaketime() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-faketime.sh");
+        let out = std::process::Command::new("sh")
+            .arg(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed ({}): {}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        PathBuf::from(path.lines().last().unwrap_or_default())
+    })
+}
+
+/// The same tablet with its wall clock moved by `offset` (libfaketime syntax: `+30d`, `-2d`).
+fn with_clock(tablet: &Tablet, offset: &str) -> Tablet {
+    tablet
+        .clone()
+        .with_env("LD_PRELOAD", libfaketime())
+        .with_env("FAKETIME", offset)
+        .with_env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+}
+
+fn has_warning(answer: &LookupResponse, code: &str) -> bool {
+    answer.warnings.iter().any(|w| w.code == code)
+}
+
+/// A server with a short freshness policy, a tablet enrolled and synced, the flagged numbers
+/// it holds and a number nobody flags.
+async fn setup(scenario: &str) -> (Field, Tablet, Vec<NhsNumber>, NhsNumber, Notices) {
+    // Installing libfaketime first: a failure names the script.
+    eprintln!("[{scenario}] libfaketime at {}", libfaketime().display());
+    let seed = common::seed(scenario);
+    let mut field = Field::start(seed, FLAGS).await;
+    let config = field.server.data_dir().join("server.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let short = text
+        .replace("fresh_secs = 86400", &format!("fresh_secs = {FRESH_SECS}"))
+        .replace(
+            "expiry_secs = 604800",
+            &format!("expiry_secs = {EXPIRY_SECS}"),
+        );
+    assert!(
+        short.contains(&format!("fresh_secs = {FRESH_SECS}\n"))
+            && short.contains(&format!("expiry_secs = {EXPIRY_SECS}\n"))
+            && short.contains(&format!("wipe_secs = {WIPE_SECS}\n")),
+        "server.toml's policy is not the default one: {text}"
+    );
+    std::fs::write(&config, short).unwrap();
+    field.server.stop().await.unwrap();
+    field.server.start().await.unwrap();
+    let tablet = field.enrol("tablet", &field.server.base_url()).await;
+    let flagged = field.sample_flagged(3);
+    let expected = field.expected();
+    let nobody = *cpis_fixtures::test_nhs_numbers()
+        .iter()
+        .rev()
+        .find(|n| !expected.flagged.contains(n))
+        .unwrap();
+    (field, tablet, flagged, nobody, Notices::default())
+}
+
+/// The notifications councils hold for these events (read before they are acknowledged).
+async fn notices_for(field: &Field, events: &[EventId]) -> Vec<Notification> {
+    let mut out = Vec::new();
+    for council in field.councils.values() {
+        out.extend(
+            council
+                .notifications()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|n| events.contains(&n.event_id)),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_30_days_ahead_ages_the_data_and_never_refreshes_it() {
+    let (mut field, tablet, flagged, nobody, mut notices) = setup("clock-ahead").await;
+    let seed = field.seed;
+    let started = Instant::now();
+    let synced = tablet.sync().await.unwrap();
+    let synced_at = Instant::now();
+    let version = synced.version;
+    let as_of = synced.data_as_of.unwrap();
+    let subjects = field.expected().subjects();
+
+    // True clock, just verified: fresh.
+    let first = tablet.lookup_offline(&flagged[0]).await.unwrap();
+    notices.record(&first);
+    assert_eq!(first.result, LookupResult::Flagged, "seed {seed}");
+    assert_eq!(first.freshness, Freshness::Fresh, "seed {seed}");
+
+    // The server out of reach; the tablet clock 29 days ahead (just under the wipe age).
+    field.server.stop().await.unwrap();
+    let ahead29 = with_clock(&tablet, "+29d");
+    let a = ahead29.lookup_offline(&flagged[1]).await.unwrap();
+    notices.record(&a);
+    // The data looks 29 days old: expired, never fresh. A match is still shown.
+    assert_eq!(a.result, LookupResult::Flagged, "seed {seed}");
+    assert_eq!(a.freshness, Freshness::Expired, "seed {seed}");
+    assert!(has_warning(&a, "data_expired"), "{:?}", a.warnings);
+    let age = a.data_age_secs.unwrap();
+    let real = synced_at.elapsed().as_secs() + 2;
+    assert!(
+        (29 * DAY..=29 * DAY + real).contains(&age),
+        "age {age} s under a clock 29 days ahead, {real} s after the sync (seed {seed})"
+    );
+    // The as-of date is the server's, not the tablet's clock.
+    assert_eq!(a.data_as_of, Some(as_of), "seed {seed}");
+    let miss = ahead29.lookup_offline(&nobody).await.unwrap();
+    notices.record(&miss);
+    assert_eq!(miss.result, LookupResult::Unknown, "seed {seed}");
+    let st = ahead29.status().await.unwrap();
+    assert_eq!(
+        (st.version, st.subjects),
+        (version, subjects),
+        "under the wipe age nothing is wiped (seed {seed})"
+    );
+
+    // The clock put back right: the furthest it has been since verification still counts
+    // (the high-water mark, persisted with each lookup). [wall]
+    let back = tablet.lookup_offline(&nobody).await.unwrap();
+    notices.record(&back);
+    assert_eq!(back.freshness, Freshness::Expired, "seed {seed}");
+    assert_eq!(back.result, LookupResult::Unknown, "seed {seed}");
+    assert!(back.data_age_secs.unwrap() >= 29 * DAY, "seed {seed}");
+    let st = tablet.status().await.unwrap();
+    assert_eq!(
+        (st.freshness, st.version),
+        (Freshness::Expired, version),
+        "seed {seed}"
+    );
+
+    // 30 days ahead: past the wipe age as the agent judges it (the largest plausible age),
+    // so the tablet shreds its flags by itself (rule 6) at the next lookup. A flagged
+    // number then answers `unknown` with no data; the outbox is kept.
+    if let Some(wait) = Duration::from_secs(2).checked_sub(synced_at.elapsed()) {
+        // Real time past the wipe age, not equal to it.
+        tokio::time::sleep(wait).await;
+    }
+    let ahead30 = with_clock(&tablet, "+30d");
+    let w = ahead30.lookup_offline(&flagged[2]).await.unwrap();
+    notices.record(&w);
+    assert_eq!(w.result, LookupResult::Unknown, "seed {seed}");
+    assert!(w.flags.is_empty() && w.data_as_of.is_none(), "seed {seed}");
+    assert!(has_warning(&w, "no_data"), "{:?}", w.warnings);
+    let st = tablet.status().await.unwrap();
+    assert_eq!(
+        (st.version, st.subjects),
+        (None, 0),
+        "the flags are shredded (seed {seed})"
+    );
+    let lookups = notices.lookups as u64;
+    assert_eq!(st.outbox_pending, lookups, "seed {seed}");
+
+    // The server back, the clock still 30 days ahead: TLS is fine (the server certificate is
+    // valid for 10 years) but every checkpoint (valid 24 h) is expired by the tablet's clock,
+    // so the sync stops there, before sending events (freeze protection, rule 5).
+    field.server.start().await.unwrap();
+    let out = ahead30.try_sync().await.unwrap();
+    assert!(
+        !out.success(),
+        "a sync 30 days ahead succeeded (seed {seed})"
+    );
+    assert!(
+        out.stderr.contains("checkpoint expired at"),
+        "sync 30 days ahead: {}",
+        out.stderr
+    );
+    eprintln!(
+        "[clock-ahead] sync with the clock 30 days ahead: exit {:?}: {}",
+        out.code(),
+        out.stderr.trim()
+    );
+    let st = tablet.status().await.unwrap();
+    assert_eq!(
+        (st.version, st.outbox_pending),
+        (None, lookups),
+        "seed {seed}"
+    );
+
+    // The clock corrected: the sync takes a new snapshot, the data is fresh again and every
+    // event goes.
+    let received_from = Utc::now();
+    let again = tablet.sync().await.unwrap();
+    let received_to = Utc::now();
+    assert_eq!(again.action, "snapshot", "seed {seed}");
+    assert!(again.version >= Some(field.head), "seed {seed}");
+    assert_eq!(again.events_sent, lookups, "seed {seed}");
+    let fresh = tablet.lookup_offline(&flagged[2]).await.unwrap();
+    notices.record(&fresh);
+    assert_eq!(
+        (fresh.result, fresh.freshness),
+        (LookupResult::Flagged, Freshness::Fresh),
+        "seed {seed}"
+    );
+
+    // What the council sees: the lookup made 29 days ahead carries the tablet's claimed
+    // time, marked clock_suspect, with the server's receipt time beside it; the one made on
+    // a true clock is not suspect.
+    let seen = notices_for(&field, &[first.event_id, a.event_id]).await;
+    let ahead = seen.iter().find(|n| n.event_id == a.event_id).unwrap();
+    let honest = seen.iter().find(|n| n.event_id == first.event_id).unwrap();
+    let within = |t: DateTime<Utc>| received_from <= t && t <= received_to;
+    assert!(
+        ahead.clock_suspect && within(ahead.received_at),
+        "{ahead:?}"
+    );
+    assert!(
+        ahead.accessed_at - ahead.received_at
+            >= chrono::Duration::days(29) - chrono::Duration::minutes(1),
+        "{ahead:?}"
+    );
+    assert!(
+        !honest.clock_suspect && within(honest.received_at),
+        "{honest:?}"
+    );
+    assert!(honest.accessed_at <= honest.received_at, "{honest:?}");
+    tablet.sync().await.unwrap();
+    let delivered = notices
+        .check_delivered(&field, "after the clock jump")
+        .await;
+    assert_eq!(delivered, notices.owed(), "seed {seed}");
+    eprintln!(
+        "[clock-ahead] +29 d: expired, age {age} s, not wiped; true clock again: still expired \
+         (high-water mark); +30 d: wiped by itself; sync 30 d ahead refused (checkpoint \
+         expired); clock corrected: snapshot v{:?}, {} events sent, fresh; {delivered} notices \
+         once each (the +29 d one clock_suspect, accessed_at {} vs received_at {}); {:?}",
+        again.version,
+        again.events_sent,
+        ahead.accessed_at,
+        ahead.received_at,
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_2_days_back_never_makes_the_data_fresher() {
+    let (field, tablet, flagged, nobody, mut notices) = setup("clock-back").await;
+    let seed = field.seed;
+    let started = Instant::now();
+    let synced = tablet.sync().await.unwrap();
+    let synced_at = Instant::now();
+    let version = synced.version;
+    let as_of = synced.data_as_of.unwrap();
+
+    // Real time passes beyond the fresh age, then the clock goes 2 days back. The boot clock
+    // (same boot) still counts the real seconds: stale, not fresh. [wall]
+    tokio::time::sleep(Duration::from_secs(FRESH_SECS + 1)).await;
+    let behind = with_clock(&tablet, "-2d");
+    let b = behind.lookup_offline(&flagged[0]).await.unwrap();
+    let real = synced_at.elapsed().as_secs();
+    notices.record(&b);
+    assert_eq!(b.result, LookupResult::Flagged, "seed {seed}");
+    assert_eq!(b.freshness, Freshness::Stale, "seed {seed}");
+    let age = b.data_age_secs.unwrap();
+    assert!(
+        (FRESH_SECS + 1..=real + 1).contains(&age),
+        "age {age} s, {real} s after the sync, clock 2 days back (seed {seed})"
+    );
+    assert!(has_warning(&b, "data_stale"), "{:?}", b.warnings);
+    assert!(has_warning(&b, "clock_behind"), "{:?}", b.warnings);
+    assert_eq!(b.data_as_of, Some(as_of), "seed {seed}");
+    let st = behind.status().await.unwrap();
+    assert_eq!(st.freshness, Freshness::Stale, "seed {seed}");
+    let miss = behind.lookup_offline(&nobody).await.unwrap();
+    notices.record(&miss);
+    assert_eq!(miss.result, LookupResult::NotFlagged, "seed {seed}");
+
+    // A sync 2 days back against a server certificate issued just now: `init` back-dates it
+    // by one day only, so the tablet finds it not yet valid and the TLS handshake fails. The
+    // data stays as it was.
+    let out = behind.try_sync().await.unwrap();
+    assert!(!out.success(), "seed {seed}");
+    assert!(
+        out.stderr.contains("NotValidYet") || out.stderr.contains("not valid yet"),
+        "sync 2 days back against a new certificate: {}",
+        out.stderr
+    );
+    eprintln!(
+        "[clock-back] sync 2 days back, server certificate issued today: exit {:?}: {}",
+        out.code(),
+        out.stderr.trim()
+    );
+    let st = behind.status().await.unwrap();
+    assert_eq!((st.version, st.data_as_of), (version, Some(as_of)));
+
+    // A server certificate issued a week ago, as in service: the product's own
+    // `admin tls rotate-server-cert` run with its clock 7 days back.
+    Cmd::new(&bins().unwrap().server)
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(field.server.data_dir())
+        .args(["tls", "rotate-server-cert"])
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", "-7d")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .run(ADMIN_TIMEOUT)
+        .await
+        .unwrap();
+    // A new verified checkpoint still counts, 2 days back: the data is as of the server's
+    // new time, and fresh again. (The running server presents the new certificate from its
+    // next handshake.)
+    let resynced = behind.sync().await.unwrap();
+    let resynced_at = Instant::now();
+    assert!(resynced.data_as_of.unwrap() > as_of, "seed {seed}");
+    assert_eq!(resynced.events_sent, notices.lookups as u64, "seed {seed}");
+    let f = behind.lookup_offline(&flagged[1]).await.unwrap();
+    notices.record(&f);
+    assert_eq!(f.freshness, Freshness::Fresh, "seed {seed}");
+    assert!(f.data_age_secs.unwrap() <= resynced_at.elapsed().as_secs() + 1);
+
+    // The clock put right, 2 days forward: data verified while the tablet clock was 2 days
+    // behind counts as 2 days old (now − verified_local): expired, a miss unknown. [wall]
+    let right = tablet.lookup_offline(&nobody).await.unwrap();
+    notices.record(&right);
+    assert_eq!(
+        (right.freshness, right.result),
+        (Freshness::Expired, LookupResult::Unknown),
+        "seed {seed}"
+    );
+    let age_right = right.data_age_secs.unwrap();
+    assert!(
+        (2 * DAY - 60..=2 * DAY + 60).contains(&age_right),
+        "age {age_right} s (seed {seed})"
+    );
+    let fixed = tablet.sync().await.unwrap();
+    assert!(fixed.data_as_of > resynced.data_as_of, "seed {seed}");
+    let f = tablet.lookup_offline(&flagged[2]).await.unwrap();
+    notices.record(&f);
+    assert_eq!(f.freshness, Freshness::Fresh, "seed {seed}");
+
+    // A reboot with the clock set back: the boot clock of the last verification no longer
+    // compares (another boot id), so only the high-water mark is left: the data is at
+    // least as old as the furthest the clock had been — here the lookup above, made
+    // FRESH_SECS + 1 s after the sync. [wall]
+    let reboot = reboot_case(&field, &tablet, &flagged, &mut notices).await;
+
+    // What the council sees: a lookup made 2 days back carries the tablet's time, 2 days
+    // before the server received it; the server marks only clocks ahead (or before 2024) as
+    // suspect, so it is not marked: received_at, the server's clock, is the bound.
+    tablet.sync().await.unwrap();
+    let seen = notices_for(&field, &[b.event_id]).await;
+    let n = &seen[0];
+    assert!(!n.clock_suspect, "{n:?}");
+    let lag = n.received_at - n.accessed_at;
+    assert!(
+        lag >= chrono::Duration::days(2)
+            && lag <= chrono::Duration::days(2) + chrono::Duration::minutes(2),
+        "{n:?}"
+    );
+    let delivered = notices
+        .check_delivered(&field, "after the clock jump")
+        .await;
+    assert_eq!(delivered, notices.owed(), "seed {seed}");
+    eprintln!(
+        "[clock-back] −2 d: stale at {age} s (boot clock), sync refused by TLS (certificate \
+         issued today: not yet valid), sync done with a week-old certificate: fresh; clock \
+         put right: expired at {age_right} s; reboot: {reboot}; {delivered} notices once each \
+         (the −2 d one received {lag} after its tablet time, not clock_suspect); {:?}",
+        started.elapsed()
+    );
+}
+
+/// The reboot case, when this machine lets the test stage one (root, `unshare --mount`):
+/// returns what happened.
+async fn reboot_case(
+    field: &Field,
+    tablet: &Tablet,
+    flagged: &[NhsNumber],
+    notices: &mut Notices,
+) -> String {
+    let seed = field.seed;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/as-rebooted.sh");
+    let boot_id = field.path("reboot.boot_id");
+    let uptime = field.path("reboot.uptime");
+    std::fs::write(&boot_id, "0b0b0b0b-0000-4000-8000-000000000001\n").unwrap();
+    std::fs::write(&uptime, "5.00 5.00\n").unwrap();
+    let launcher = [
+        "unshare".into(),
+        "--mount".into(),
+        "sh".into(),
+        script.into_os_string(),
+        boot_id.into_os_string(),
+        uptime.into_os_string(),
+    ];
+    let probe = Cmd::new("unshare")
+        .args(launcher[1..].iter())
+        .arg("true")
+        .output(Duration::from_secs(10))
+        .await;
+    match probe {
+        Ok(o) if o.success() => {}
+        other => {
+            let why = match other {
+                Ok(o) => o.stderr.trim().to_owned(),
+                Err(e) => format!("{e:#}"),
+            };
+            eprintln!("[clock-back] reboot case NOT RUN: cannot stage a reboot here ({why})");
+            return "not run (no unshare --mount here)".into();
+        }
+    }
+    let synced = tablet.sync().await.unwrap();
+    let synced_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(FRESH_SECS + 1)).await;
+    // A lookup on the true clock sets the high-water mark...
+    let before = tablet.lookup_offline(&flagged[0]).await.unwrap();
+    notices.record(&before);
+    let hw_age = synced_at.elapsed().as_secs();
+    // ... then the tablet reboots with its clock 2 days back.
+    let rebooted = with_clock(tablet, "-2d").with_launcher(launcher);
+    let r = rebooted.lookup_offline(&flagged[1]).await.unwrap();
+    notices.record(&r);
+    let age = r.data_age_secs.unwrap();
+    assert_eq!(r.data_as_of, synced.data_as_of, "seed {seed}");
+    assert_eq!(r.freshness, Freshness::Stale, "seed {seed}");
+    assert!(
+        (FRESH_SECS + 1..=hw_age + 1).contains(&age),
+        "age {age} s after a reboot 2 days back, the high-water mark at {hw_age} s (seed {seed})"
+    );
+    format!("stale at {age} s (high-water mark; boot clock not comparable)")
+}
