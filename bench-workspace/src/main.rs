@@ -153,8 +153,10 @@ fn main() {
     rand::rngs::OsRng.fill_bytes(&mut raw);
     let passphrase = hex::encode(raw);
 
+    let t = Instant::now();
     let plain = open(&plain_path, None);
     build(&plain, &flags);
+    let plain_build = t.elapsed();
     let t = Instant::now();
     let cipher = open(&cipher_path, Some(&passphrase));
     build(&cipher, &flags);
@@ -247,5 +249,11 @@ fn main() {
         "RESULT sqlcipher p50_us={:.2} p99_us={:.2}",
         us(p50c),
         us(p99c)
+    );
+    println!(
+        "RESULT build plaintext_ms={:.0} sqlcipher_ms={:.0} sqlcipher_open_ms={:.0}",
+        plain_build.as_secs_f64() * 1e3,
+        cipher_build.as_secs_f64() * 1e3,
+        cipher_open.as_secs_f64() * 1e3
     );
 }

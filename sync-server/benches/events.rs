@@ -20,7 +20,7 @@ use cpis_protocol::{
     Freshness, LookupResult, NhsNumber, PlanType,
 };
 use cpis_sync_server::clock::ManualClock;
-use cpis_sync_server::config::Config;
+use cpis_sync_server::config::{Config, SheddingConfig};
 use cpis_sync_server::server::{self, Server};
 use cpis_sync_server::store::{NewEnrolmentToken, Store};
 use cpis_sync_server::tokens;
@@ -207,6 +207,11 @@ async fn run() {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         max_concurrent_requests: 100_000,
+        // One enrolled device stands for a fleet here: the per-device rate limit (429) is off.
+        load_shedding: SheddingConfig {
+            device_requests_per_minute: 0,
+            ..SheddingConfig::default()
+        },
         ..Config::default()
     };
     let handle = Server::bind(dir.path(), config, Arc::new(clock.clone()))
@@ -322,6 +327,11 @@ async fn run() {
             time.as_secs_f64(),
             n as f64 / time.as_secs_f64()
         );
+        println!(
+            "RESULT ingest_b{size}_f{in_flight} events_per_s={:.0} events={n} seconds={:.3}",
+            n as f64 / time.as_secs_f64(),
+            time.as_secs_f64()
+        );
     }
 
     // ---- 2. mailbox with 100k queued ------------------------------------------------------
@@ -417,6 +427,10 @@ async fn run() {
             "   {what:<28} {:>8}   {p50:>5.2} ms  {p99:>5.2} ms  {max:>5.2} ms",
             200
         );
+        println!(
+            "RESULT mailbox_{}_{limit} p50_ms={p50:.3} p99_ms={p99:.3} queued={queued}",
+            if random { "random" } else { "first" }
+        );
     }
     let mut times = Vec::new();
     for _ in 0..200 {
@@ -433,6 +447,7 @@ async fn run() {
     println!(
         "   store only, limit 100            200   {p50:>5.2} ms  {p99:>5.2} ms  {max:>5.2} ms"
     );
+    println!("RESULT mailbox_store_100 p50_ms={p50:.3} p99_ms={p99:.3} queued={queued}");
     handle.shutdown();
     handle.join().await.unwrap();
 }

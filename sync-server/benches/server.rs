@@ -17,7 +17,7 @@ use cpis_fixtures::{Config as FixtureConfig, Dataset, Directory, council_csv_byt
 use cpis_protocol::api::{EnrolRequest, EnrolResponse, UploadReceipt, paths};
 use cpis_protocol::{FlagRecord, SigningKey};
 use cpis_sync_server::clock::ManualClock;
-use cpis_sync_server::config::Config;
+use cpis_sync_server::config::{Config, SheddingConfig};
 use cpis_sync_server::feed::build_snapshot;
 use cpis_sync_server::server::{self, Server};
 use cpis_sync_server::store::{NewEnrolmentToken, RegionHead, RegionSnapshot, Store};
@@ -89,6 +89,11 @@ async fn run() {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         max_concurrent_requests: 100_000,
+        // One enrolled device stands for a fleet here: the per-device rate limit (429) is off.
+        load_shedding: SheddingConfig {
+            device_requests_per_minute: 0,
+            ..SheddingConfig::default()
+        },
         ..Config::default()
     };
     let handle = Server::bind(dir.path(), config, Arc::new(clock.clone()))
@@ -187,6 +192,16 @@ async fn run() {
         r3.counts.removed,
         ms(day2)
     );
+    let ms_f = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "RESULT upload rows={} csv_bytes={} parse_ms={:.1} first_ms={:.1} same_ms={:.1} next_ms={:.1}",
+        parsed.len(),
+        csv_body.len(),
+        ms_f(parse_time),
+        ms_f(first),
+        ms_f(same),
+        ms_f(day2)
+    );
 
     // ---- 3. no-change checkpoint polls -----------------------------------------------------
     let (et, et_hash) = tokens::new_secret(tokens::ENROLMENT_PREFIX);
@@ -246,7 +261,9 @@ async fn run() {
             });
         }
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
     let elapsed = started.elapsed();
     let n = polls.load(Ordering::Relaxed);
     println!(
@@ -256,6 +273,10 @@ async fn run() {
     println!(
         "   {n} polls in {:.2} s = {:.0} polls/s (device lookup + region head + Ed25519 signature each)",
         elapsed.as_secs_f64(),
+        n as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "RESULT polls_h2 polls_per_s={:.0} connections={connections} in_flight={per_connection}",
         n as f64 / elapsed.as_secs_f64()
     );
     handle.shutdown();
@@ -301,6 +322,13 @@ async fn run() {
         gzipped.len() as f64 / count,
         ms(gzip_time)
     );
+    println!(
+        "RESULT snapshot_gzip flags={} csv_bytes={} gzip_bytes={} gzip_ms={:.1}",
+        region_flags.len(),
+        csv_all.len(),
+        gzipped.len(),
+        gzip_time.as_secs_f64() * 1000.0
+    );
     for level in [3, 9, 19] {
         let t = Instant::now();
         let snapshot = RegionSnapshot {
@@ -317,6 +345,11 @@ async fn run() {
             per,
             built.body.len(),
             gzipped.len() as f64 / built.body.len() as f64
+        );
+        println!(
+            "RESULT snapshot_zstd{level} bytes={} ms={:.1}",
+            built.body.len(),
+            time.as_secs_f64() * 1000.0
         );
     }
     println!("   (the server's default zstd level is 9; see server.toml zstd_level)");
