@@ -55,6 +55,8 @@ pub mod codes {
     pub const INVALID_UPLOAD: &str = "invalid_upload";
     pub const TOO_LARGE: &str = "payload_too_large";
     pub const OVERLOADED: &str = "overloaded";
+    /// `429`: one device asks more often than the server's per-device rate (`Retry-After`).
+    pub const RATE_LIMITED: &str = "rate_limited";
     pub const NOT_FOUND: &str = "not_found";
 }
 

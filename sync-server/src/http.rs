@@ -2,22 +2,20 @@
 //! load shedding. Handlers live in `http/`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cpis_protocol::api::{codes, paths};
-use tower::ServiceBuilder;
 
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::feed::Feed;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::pki::Pki;
+use crate::shed::Shedder;
 use crate::store::Store;
 
 mod council;
@@ -47,10 +45,10 @@ pub struct App<S> {
 pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
     let max_upload = app.config.max_upload_bytes;
     let max_events = app.config.max_event_batch_bytes;
-    let concurrency = app.config.max_concurrent_requests.max(1);
-    Router::new()
-        .route("/healthz", get(ops::healthz::<S>))
-        .route("/metrics", get(ops::metrics::<S>))
+    // Every API route is shed (429/503, see `shed`); `/healthz` and `/metrics` are not, so
+    // the server reports healthy and stays measurable while it sheds.
+    let shed = Arc::new(Shedder::new(&app.config, app.metrics.clone()));
+    let api = Router::new()
         .route(
             "/v1/councils/{ods}/uploads",
             post(council::upload::<S>).layer(DefaultBodyLimit::max(max_upload)),
@@ -87,14 +85,11 @@ pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
         )
         .fallback(ops::not_found)
         .layer(DefaultBodyLimit::max(64 * 1024))
-        .layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
-                    ApiError::overloaded(Duration::from_secs(1))
-                }))
-                .load_shed()
-                .concurrency_limit(concurrency),
-        )
+        .layer(middleware::from_fn_with_state(shed, crate::shed::layer));
+    Router::new()
+        .route("/healthz", get(ops::healthz::<S>))
+        .route("/metrics", get(ops::metrics::<S>))
+        .merge(api)
         .layer(middleware::from_fn_with_state(app.clone(), record::<S>))
         .with_state(app)
 }

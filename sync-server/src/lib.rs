@@ -6,7 +6,8 @@
 //! [`http`] (routes, auth, errors), [`metrics`], [`server`] (init, bind/shutdown),
 //! [`pki`] (keys and certificates), [`tls`] (HTTPS serving with client identities),
 //! [`ingest`] (checks on devices' access events), [`keys`] (feed signing key rollover),
-//! [`fleet`] (the fleet view of `admin device list`).
+//! [`fleet`] (the fleet view of `admin device list`), [`shed`] (load shedding: 429/503 with
+//! `Retry-After`).
 pub mod clock;
 pub mod config;
 pub mod feed;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod pki;
 pub mod reconcile;
 pub mod server;
+pub mod shed;
 pub mod store;
 pub mod tls;
 pub mod tokens;

@@ -33,6 +33,12 @@ pub(crate) struct CouncilLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ShedLabels {
+    /// `overloaded` (503) or `rate_limited` (429).
+    pub(crate) reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ConfirmLabels {
     pub(crate) result: &'static str,
 }
@@ -55,6 +61,8 @@ pub struct Metrics {
     pub(crate) mailbox_pending: Family<CouncilLabels, Gauge>,
     pub(crate) mailbox_overdue: Family<CouncilLabels, Gauge>,
     pub(crate) confirmations: Family<ConfirmLabels, Counter>,
+    pub(crate) shed_requests: Family<ShedLabels, Counter>,
+    pub(crate) requests_in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -151,6 +159,19 @@ impl Metrics {
             "Online confirmations answered, by national result",
             confirmations.clone(),
         );
+        let shed_requests = Family::<ShedLabels, Counter>::default();
+        registry.register(
+            "shed_requests",
+            "Requests answered 503 overloaded (server saturated) or 429 rate_limited (one \
+             device over its rate), each with Retry-After",
+            shed_requests.clone(),
+        );
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "API requests being handled (at most max_concurrent_requests)",
+            requests_in_flight.clone(),
+        );
         Self {
             registry,
             requests,
@@ -167,6 +188,8 @@ impl Metrics {
             mailbox_pending,
             mailbox_overdue,
             confirmations,
+            shed_requests,
+            requests_in_flight,
         }
     }
 

@@ -62,6 +62,19 @@ impl ApiError {
         }
     }
 
+    /// `429 rate_limited`: one device asks more often than its rate allows.
+    pub fn rate_limited(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                codes::RATE_LIMITED,
+                "this device is sending requests faster than its rate allows; try again after \
+                 the Retry-After delay",
+            )
+        }
+    }
+
     pub fn internal(what: &str, error: &dyn std::error::Error) -> Self {
         tracing::error!(error = %error, "{what}");
         Self::new(
@@ -94,7 +107,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body)).into_response();
         if let Some(after) = self.retry_after {
-            let secs = after.as_secs().max(1).to_string();
+            // Whole seconds, rounded up, at least 1 (RFC 9110 delay-seconds).
+            let secs = (after.as_secs() + u64::from(after.subsec_nanos() > 0))
+                .max(1)
+                .to_string();
             if let Ok(v) = HeaderValue::from_str(&secs) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }

@@ -16,4 +16,5 @@ mod isolation;
 mod lifecycle;
 mod mailbox;
 mod packaging;
+mod shed;
 mod uploads;
