@@ -250,6 +250,11 @@ impl Tablet {
         )
         .await
         .with_context(|| process::tail(&log, 20))?
+        // "local API on http://ADDR; background sync every N s"
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
         .parse()
         .context("reading the local API address")?;
         Ok(AgentDaemon {
