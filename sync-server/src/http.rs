@@ -25,6 +25,7 @@ mod events;
 mod lifecycle;
 mod mailbox;
 mod ops;
+mod pages;
 
 pub use error::ApiError;
 
@@ -83,6 +84,7 @@ pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
             &format!("{}/{{epoch}}/{{version}}", paths::SNAPSHOT_BODY_PREFIX),
             get(device::snapshot_body::<S>),
         )
+        .merge(pages::router(app.clone()))
         .fallback(ops::not_found)
         .layer(DefaultBodyLimit::max(64 * 1024))
         .layer(middleware::from_fn_with_state(shed, crate::shed::layer));
