@@ -1,8 +1,12 @@
 //! The local API on loopback (DESIGN.md §6): `POST /v1/lookups`, `GET /v1/status`,
-//! `POST /v1/sync`. One mapping from [`AgentError`] to status and `{error:{code,message}}`
-//! (a shredded device answers `503 not_enrolled`, never data). Under `run`, lookups are
-//! checked nationally when they miss (bounded, see [`crate::confirm`]) and nudge the
-//! background loop; `POST /v1/sync` asks the loop for an attempt and answers its outcome.
+//! `POST /v1/sync`, and the paramedic page ([`crate::page`]) on the same listener. One
+//! mapping from [`AgentError`] to status and `{error:{code,message}}` (a shredded device
+//! answers `503 not_enrolled`, never data). Under `run`, lookups — from the JSON API and
+//! from the page alike, through [`recorded_lookup`] — are checked nationally when they miss
+//! (bounded, see [`crate::confirm`]) and nudge the background loop; `POST /v1/sync` asks the
+//! loop for an attempt and answers its outcome. Every request must name a loopback host
+//! (`Host: 127.0.0.1:PORT`, `localhost:PORT`, `[::1]:PORT`), so a web page whose DNS name
+//! was rebound to 127.0.0.1 cannot use the API or the page ([`crate::page::host_check`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use cpis_protocol::api::ErrorBody;
-use cpis_protocol::local::LookupRequest;
+use cpis_protocol::local::{LookupRequest, LookupResponse};
 
 use crate::agent::{Agent, AgentError};
 use crate::background::{Outcome, SyncHandle};
@@ -35,10 +39,13 @@ pub enum ApiError {
     },
 }
 
-struct Shared {
-    agent: Arc<Agent>,
+/// What every handler of the listener shares.
+pub(crate) struct Shared {
+    pub(crate) agent: Arc<Agent>,
     sync: tokio::sync::Mutex<()>,
     opts: ApiOptions,
+    /// The paramedic page's per-process secrets.
+    pub(crate) page: crate::page::PageKeys,
 }
 
 /// How the API works with the rest of `run`.
@@ -56,6 +63,23 @@ const MANUAL_SYNC_WAIT: Duration = Duration::from_secs(120);
 /// An error as the API shows it.
 #[derive(Debug)]
 pub struct HttpError(StatusCode, ErrorBody);
+
+impl HttpError {
+    /// An error with its status, code and message.
+    pub fn new(status: StatusCode, body: ErrorBody) -> Self {
+        Self(status, body)
+    }
+
+    /// The HTTP status it is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
+
+    /// The error's code and message.
+    pub fn body(&self) -> &ErrorBody {
+        &self.1
+    }
+}
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
@@ -76,7 +100,7 @@ impl From<AgentError> for HttpError {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
 ) -> Result<T, HttpError> {
     match tokio::task::spawn_blocking(f).await {
@@ -98,6 +122,17 @@ async fn lookups(
             ErrorBody::new("bad_request", e.body_text()),
         )
     })?;
+    Ok(Json(recorded_lookup(&s, req).await?).into_response())
+}
+
+/// One lookup as `POST /v1/lookups` and the paramedic page both do it: the access event is
+/// committed to the outbox before anything is answered; under `run` a miss is checked
+/// nationally within the bound (an answer tells the loop the server is reachable), and the
+/// loop is told events are pending. An invalid NHS number records nothing.
+pub(crate) async fn recorded_lookup(
+    s: &Shared,
+    req: LookupRequest,
+) -> Result<LookupResponse, HttpError> {
     let agent = s.agent.clone();
     let (resp, event) = blocking(move || {
         agent.lookup_recorded(LookupInput {
@@ -122,7 +157,7 @@ async fn lookups(
     if let Some(h) = &s.opts.sync {
         h.events_pending();
     }
-    Ok(Json(resp).into_response())
+    Ok(resp)
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> Result<Response, HttpError> {
@@ -181,18 +216,30 @@ pub fn router(agent: Arc<Agent>) -> Router {
     router_with(agent, ApiOptions::default())
 }
 
-/// The router with the background loop and the national check.
+/// The router with the background loop and the national check. Without a known listen
+/// port the `Host` check accepts a loopback name with any port; [`LocalApi`] knows its port.
 pub fn router_with(agent: Arc<Agent>, opts: ApiOptions) -> Router {
+    build(agent, opts, None)
+}
+
+fn build(agent: Arc<Agent>, opts: ApiOptions, port: Option<u16>) -> Router {
     let shared = Arc::new(Shared {
         agent,
         sync: tokio::sync::Mutex::new(()),
         opts,
+        page: crate::page::PageKeys::new(),
     });
     Router::new()
         .route("/v1/lookups", post(lookups))
         .route("/v1/status", get(status))
         .route("/v1/sync", post(sync))
+        .layer(axum::middleware::map_response(crate::page::api_headers))
+        .merge(crate::page::routes())
         .with_state(shared)
+        .layer(axum::middleware::from_fn_with_state(
+            port,
+            crate::page::host_check,
+        ))
 }
 
 /// A running local API.
@@ -225,7 +272,7 @@ impl LocalApi {
             .local_addr()
             .map_err(|source| ApiError::Bind { addr, source })?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = router_with(agent, opts);
+        let app = build(agent, opts, Some(addr.port()));
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {

@@ -8,7 +8,8 @@
 //! [`download`] (partial snapshot downloads, sealed), [`sync`] (the driver and enrolment),
 //! [`schedule`] (when the background loop syncs, without IO), [`background`] (the loop of
 //! `run`), [`confirm`] (online national check of a miss), [`lifecycle`] (report, certificate
-//! renewal, key rollover), [`service`] (`run`: API and loop under one token), [`api`] (local HTTP API), [`clock`] (time sources).
+//! renewal, key rollover), [`service`] (`run`: API and loop under one token), [`api`] (local HTTP API), [`page`] (the
+//! paramedic page on the same listener), [`clock`] (time sources).
 
 pub mod agent;
 pub mod api;
@@ -21,6 +22,7 @@ pub mod keystore;
 pub mod lifecycle;
 pub mod lookup;
 pub mod net;
+pub mod page;
 pub mod plan;
 pub mod schedule;
 pub mod service;

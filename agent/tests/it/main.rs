@@ -13,6 +13,7 @@ mod freshness;
 mod lifecycle;
 mod lookup;
 mod net;
+mod page;
 mod plaintext;
 mod proxy;
 mod resume;
