@@ -193,13 +193,14 @@ pub(crate) fn current<T: Clone>(
 /// Refuses a request sent by another site: `Sec-Fetch-Site` of `cross-site` or `same-site`,
 /// or an `Origin` other than `https://` + this request's host.
 pub(crate) fn same_origin(headers: &HeaderMap, uri: &Uri) -> Result<(), &'static str> {
-    if let Some(site) = headers.get("sec-fetch-site") {
+    // Every copy of a header is checked: a second one must not hide a cross-site first.
+    for site in headers.get_all("sec-fetch-site") {
         let site = site.to_str().unwrap_or("cross-site").trim();
         if site.eq_ignore_ascii_case("cross-site") || site.eq_ignore_ascii_case("same-site") {
             return Err("the form was sent from another site");
         }
     }
-    if let Some(origin) = headers.get(header::ORIGIN) {
+    for origin in headers.get_all(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("").trim();
         let host = headers
             .get(header::HOST)

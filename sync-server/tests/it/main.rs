@@ -16,5 +16,6 @@ mod isolation;
 mod lifecycle;
 mod mailbox;
 mod packaging;
+mod pages;
 mod shed;
 mod uploads;
