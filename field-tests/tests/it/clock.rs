@@ -14,6 +14,12 @@
 //! self-wipe of rule 6). The server's policy is made short (fresh 3 s, expiry 1 day; wipe
 //! 30 days as by default) so that real seconds matter. Each freshness assertion marked
 //! "[wall]" would fail if the agent judged age by its wall clock alone (`now − as_of`).
+//!
+//! Three scenarios: the clock 29 and 30 days ahead, then put right (`cpis-agent` commands
+//! with `FAKETIME`); 2 days back, a sync, the clock put right, and a staged reboot
+//! (`scripts/as-rebooted.sh` under `unshare --mount`, when the machine allows it); and the
+//! clock moved back and forth under a running `cpis-agent run` (`FAKETIME_TIMESTAMP_FILE`,
+//! re-read at every call with `FAKETIME_NO_CACHE=1`).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -466,4 +472,137 @@ async fn reboot_case(
         "age {age} s after a reboot 2 days back, the high-water mark at {hw_age} s (seed {seed})"
     );
     format!("stale at {age} s (high-water mark; boot clock not comparable)")
+}
+
+/// Sets the wall clock of agents reading `file` (libfaketime's `FAKETIME_TIMESTAMP_FILE`,
+/// re-read at every call): written whole, then renamed into place.
+fn set_clock(file: &Path, offset: &str) {
+    let tmp = file.with_extension("new");
+    std::fs::write(&tmp, format!("{offset}\n")).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_moved_under_a_running_agent() {
+    let (mut field, tablet, flagged, _nobody, mut notices) = setup("clock-run").await;
+    let seed = field.seed;
+    let started = Instant::now();
+    // `cpis-agent run` (local API and background loop) with a clock the test moves while it
+    // runs; its monotonic clock (tokio's timers) stays true.
+    let clock = field.path("clock.faketime");
+    set_clock(&clock, "+0");
+    let daemon_tablet = tablet
+        .clone()
+        .with_env("LD_PRELOAD", libfaketime())
+        .with_env("FAKETIME_TIMESTAMP_FILE", &clock)
+        .with_env("FAKETIME_NO_CACHE", "1")
+        .with_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let mut daemon = daemon_tablet
+        .run_api("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // Its first sync (the loop starts with one).
+    let first = cpis_field_tests::harness::process::poll(
+        "the running agent's first sync",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            let d = &daemon;
+            async move {
+                let st = d.status().await?;
+                Ok(st.last_sync_success.and(st.version).map(|_| st))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log_tail(20)));
+    let verified_by = Instant::now();
+    assert_eq!(first.freshness, Freshness::Fresh, "seed {seed}");
+
+    // Real seconds pass, then the clock goes 2 days back under the running agent: stale by
+    // its boot clock. [wall]
+    tokio::time::sleep(Duration::from_secs(FRESH_SECS + 1)).await;
+    set_clock(&clock, "-2d");
+    let st = daemon.status().await.unwrap();
+    assert_eq!(st.freshness, Freshness::Stale, "seed {seed}");
+    assert!(st.data_age_secs.unwrap() > FRESH_SECS, "seed {seed}");
+    assert!(
+        st.warnings.iter().any(|w| w.code == "clock_behind"),
+        "{:?}",
+        st.warnings
+    );
+    let behind = daemon.lookup(&flagged[0].to_string()).await.unwrap();
+    notices.record(&behind);
+    assert_eq!(
+        (behind.result, behind.freshness),
+        (LookupResult::Flagged, Freshness::Stale),
+        "seed {seed}"
+    );
+    assert!(
+        behind.data_age_secs.unwrap() <= verified_by.elapsed().as_secs() + 1,
+        "seed {seed}"
+    );
+
+    // 30 days ahead under the running agent, the server reachable: the tablet's flags are
+    // wiped at the next lookup (past the wipe age as judged), and the answer comes from the
+    // online national check instead — the server's data and the server's clock. Its syncs
+    // are refused at the checkpoint's expiry; the API keeps answering.
+    set_clock(&clock, "+30d");
+    let asked = Utc::now();
+    let wiped = daemon.lookup(&flagged[1].to_string()).await.unwrap();
+    notices.record(&wiped);
+    assert!(has_warning(&wiped, "no_data"), "{wiped:?}");
+    assert_eq!(
+        (wiped.data_as_of, wiped.data_age_secs),
+        (None, None),
+        "{wiped:?}"
+    );
+    let national = wiped
+        .national
+        .as_ref()
+        .expect("the online national check answered");
+    assert_eq!(
+        (wiped.result, national.result),
+        (LookupResult::Flagged, LookupResult::Flagged),
+        "{wiped:?}"
+    );
+    assert!(
+        asked <= national.checked_at && national.checked_at <= Utc::now(),
+        "checked at {} by the server's clock (seed {seed})",
+        national.checked_at
+    );
+    let refused = daemon.sync().await.unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("checkpoint expired at"),
+        "sync 30 days ahead: {refused:#}"
+    );
+    let st = daemon.status().await.unwrap();
+    assert_eq!((st.version, st.subjects), (None, 0), "seed {seed}");
+
+    // The clock right again: a sync restores the data, fresh, and sends the events.
+    set_clock(&clock, "+0");
+    let again = daemon.sync().await.unwrap();
+    assert_eq!(again.action, "snapshot", "seed {seed}");
+    let fresh = daemon.lookup(&flagged[2].to_string()).await.unwrap();
+    notices.record(&fresh);
+    assert_eq!(
+        (fresh.result, fresh.freshness),
+        (LookupResult::Flagged, Freshness::Fresh),
+        "seed {seed}"
+    );
+    daemon.sync().await.unwrap();
+    let status = daemon.stop().await.unwrap();
+    assert!(status.success(), "cpis-agent run stopped with {status}");
+    let delivered = notices
+        .check_delivered(&field, "after the clock moves")
+        .await;
+    assert_eq!(delivered, notices.owed(), "seed {seed}");
+    field.server.stop().await.unwrap();
+    eprintln!(
+        "[clock-run] under cpis-agent run: −2 d stale (boot clock), +30 d wiped (a flagged \
+         number answered by the online national check) and syncs refused ({refused}), clock \
+         right: snapshot v{:?}, fresh; {delivered} notices once each; {:?}",
+        again.version,
+        started.elapsed()
+    );
 }
