@@ -149,8 +149,19 @@ loads=("start: $load_before")
 step "release builds (main workspace: binaries and benches; bench-workspace)"
 tb=$(date +%s)
 (cd "$root" && cargo build --locked --release -q -p cpis-sync-server -p cpis-agent -p cpis-fixtures)
-(cd "$root" && cargo bench --locked --no-run -q -p cpis-agent --bench lookup)
-(cd "$root" && cargo bench --locked --no-run -q -p cpis-sync-server --bench server --bench events)
+# bench_exe PACKAGE BENCH: builds a bench and prints its executable. The benches are run
+# from these executables, so nothing is rebuilt between stages (others may edit the tree).
+bench_exe() {
+    local exe
+    exe=$(cd "$root" && cargo bench --locked --no-run -q -p "$1" --bench "$2" --message-format=json |
+        jq -r --arg n "$2" 'select(.reason == "compiler-artifact" and .target.name == $n
+            and (.target.kind | index("bench"))) | .executable' | tail -1)
+    [ -x "$exe" ] || die "no executable for bench $2 of $1"
+    echo "$exe"
+}
+lookup_exe=$(bench_exe cpis-agent lookup)
+server_exe=$(bench_exe cpis-sync-server server)
+events_exe=$(bench_exe cpis-sync-server events)
 (cd "$here" && cargo build --locked --release -q)
 build_secs=$(($(date +%s) - tb))
 say "builds took ${build_secs} s"
@@ -162,17 +173,17 @@ mkdir -p "$R"
 # ---- 1, 2. lookups and install --------------------------------------------------------------
 step "agent lookup/install bench ($FLAGS flags)"
 loads+=("agent bench: $(loadavg)")
-(cd "$root" && cargo bench --locked -q -p cpis-agent --bench lookup) | tee "$R/lookup.txt" | grep -v '^RESULT' >&2
+(cd "$root/agent" && "$lookup_exe" --bench) | tee "$R/lookup.txt" | grep -v '^RESULT' >&2
 step "SQLCipher bench ($FLAGS flags)"
-(cd "$here" && cargo run --locked -q --release --bin sqlcipher-bench) | tee "$R/sqlcipher.txt" | grep -v '^RESULT' >&2
+(cd "$here" && "$here/target/release/sqlcipher-bench") | tee "$R/sqlcipher.txt" | grep -v '^RESULT' >&2
 
 # ---- 3, 4. server benches -----------------------------------------------------------------
 step "sync-server bench: upload, snapshot, h2 polls"
 loads+=("server bench: $(loadavg)")
-(cd "$root" && cargo bench --locked -q -p cpis-sync-server --bench server) | tee "$R/server.txt" | grep -v '^RESULT' >&2
+(cd "$root/sync-server" && "$server_exe" --bench) | tee "$R/server.txt" | grep -v '^RESULT' >&2
 step "sync-server bench: event ingest, mailbox"
 loads+=("events bench: $(loadavg)")
-(cd "$root" && cargo bench --locked -q -p cpis-sync-server --bench events) | tee "$R/events.txt" | grep -v '^RESULT' >&2
+(cd "$root/sync-server" && "$events_exe" --bench) | tee "$R/events.txt" | grep -v '^RESULT' >&2
 
 # ---- 5. the real binaries on loopback -------------------------------------------------------
 # Day 1 is yesterday and day 2 today: the server refuses dates in its future.
@@ -278,6 +289,13 @@ read -r delta_up delta_down delta_conns delta_s <<< "$(sync_phase delta)"
 say "delta sync: $delta_down B down, $delta_up B up, $delta_s s"
 read -r none_up none_down none_conns none_s <<< "$(sync_phase nochange)"
 say "no-change sync: $none_down B down, $none_up B up, $none_s s"
+# Each sync did what its row says (the agent's own account of it).
+for phase in full:snapshot delta:delta nochange:up_to_date; do
+    got=$(jq -r .action "$R/sync-${phase%%:*}.json")
+    [ "$got" = "${phase#*:}" ] || die "sync ${phase%%:*} did '$got', expected '${phase#*:}'"
+done
+held_version=$(num "region version held" "$(jq -r .version "$R/sync-nochange.json")")
+full_version=$(num "region version after day 1" "$(jq -r .version "$R/sync-full.json")")
 for v in full_up full_down delta_up delta_down none_up none_down; do num "$v" "${!v}" > /dev/null; done
 [ "$full_down" -gt 0 ] && [ "$delta_down" -gt 0 ] && [ "$none_down" -gt 0 ] || die "relay counted no bytes"
 [ -n "$churn" ] || die "missing figure: next-day churn in $R/fixtures-region.txt"
@@ -395,8 +413,7 @@ a_thr=$(kib_of Threads "$agent_pid")
 n_procs=$(echo $npids | wc -w)
 for v in a_cpu n_cpu s_cpu a_rss a_hwm n_rss n_hwm s_rss s_hwm; do num "$v" "${!v}" > /dev/null; done
 say "agent: RSS $a_rss KiB (peak $a_hwm), CPU $a_cpu %; nginx ($n_procs processes): RSS $n_rss KiB, CPU $n_cpu %"
-status_json="$("$B/cpis-agent" status --state-dir "$T" --json 2>/dev/null || true)"
-held_version="$(echo "$status_json" | jq -r '.. | .version? // empty' 2>/dev/null | head -1)"
+a_ticks=$((a1 - a0)); n_ticks=$((n1 - n0)); s_ticks=$((s1 - s0))
 
 # ---- fixtures generation rate ---------------------------------------------------------------
 step "fixtures: $FIX_FLAGS flags, against copying the files they make"
@@ -524,8 +541,8 @@ alone, without TLS or HTTP, which favours the baseline.
 
 | Transfer | Down (server → tablet) | Up | Total | Baseline: gzip CSV | Total ÷ baseline |
 |---|---|---|---|---|---|
-| Full snapshot (first sync) | $(thou "$full_down") B | $(thou "$full_up") B | $(thou "$((full_down + full_up))") B | $(thou "$gz1") B (CSV $(thou "$csv1") B) | $(x "$((full_down + full_up))" "$gz1") |
-| One day's delta (next day: $churn) | $(thou "$delta_down") B | $(thou "$delta_up") B | $(thou "$((delta_down + delta_up))") B | $(thou "$gz2") B (CSV $(thou "$csv2") B) | $(FMT=%.4f calc "($delta_down + $delta_up) / $gz2")× |
+| Full snapshot (first sync, version $full_version) | $(thou "$full_down") B | $(thou "$full_up") B | $(thou "$((full_down + full_up))") B | $(thou "$gz1") B (CSV $(thou "$csv1") B) | $(x "$((full_down + full_up))" "$gz1") |
+| One day's delta to version $held_version (next day: $churn) | $(thou "$delta_down") B | $(thou "$delta_up") B | $(thou "$((delta_down + delta_up))") B | $(thou "$gz2") B (CSV $(thou "$csv2") B) | $(FMT=%.4f calc "($delta_down + $delta_up) / $gz2")× |
 | No-change sync (checkpoint, fleet report) | $(thou "$none_down") B | $(thou "$none_up") B | $(thou "$((none_down + none_up))") B | $(thou "$gz2") B | $(FMT=%.4f calc "($none_down + $none_up) / $gz2")× |
 | One no-change checkpoint poll on a kept-alive connection | $(FMT=%.0f calc "$rp_down / $rp_n") B | $(FMT=%.0f calc "$rp_up / $rp_n") B | $(FMT=%.0f calc "($rp_down + $rp_up) / $rp_n") B | $(thou "$gz2") B | $(FMT=%.5f calc "($rp_down + $rp_up) / $rp_n / $gz2")× |
 | Enrolment (for reference) | $(thou "$enrol_down") B | $(thou "$enrol_up") B | $(thou "$((enrol_down + enrol_up))") B | | |
@@ -584,16 +601,18 @@ $ingest_rows
 ## Agent idle memory and CPU
 
 The real \`cpis-agent run\` on the tablet enrolled above, holding the region
-(version ${held_version:-see status}, $(thou "$FLAGS") flags), after its start-up sync, idle
+(version $held_version, about $(thou "$FLAGS") flags), after its start-up sync, idle
 for $(FMT=%.1f calc "$window") s: resident memory from /proc/PID/status (VmRSS now, VmHWM
-peak) and CPU from utime + stime in /proc/PID/stat over the window. Baseline: nginx (master
-and workers, $n_procs processes) idle over the same window, after serving the polls above.
+peak) and CPU from utime + stime in /proc/PID/stat over the window (in clock ticks of
+$(FMT=%.0f calc "1000 / $hz") ms). Baseline: nginx (master and workers, $n_procs processes)
+idle over the same window, after serving the polls above. The snapshot was installed by the
+\`cpis-agent sync\` process before, not by this one.
 
-| Process | RSS | Peak RSS | CPU over the window | RSS ÷ nginx |
-|---|---|---|---|---|
-| cpis-agent run ($a_thr threads) | $(kib "$a_rss") MiB | $(kib "$a_hwm") MiB | $a_cpu % | $(x "$a_rss" "$n_rss") |
-| nginx, idle (baseline) | $(kib "$n_rss") MiB | $(kib "$n_hwm") MiB | $n_cpu % | 1.00× |
-| cpis-sync-server, idle (for reference) | $(kib "$s_rss") MiB | $(kib "$s_hwm") MiB | $s_cpu % | $(x "$s_rss" "$n_rss") |
+| Process | RSS | Peak RSS | CPU over the window | CPU ticks | RSS ÷ nginx |
+|---|---|---|---|---|---|
+| cpis-agent run ($a_thr threads) | $(kib "$a_rss") MiB | $(kib "$a_hwm") MiB | $a_cpu % | $a_ticks | $(x "$a_rss" "$n_rss") |
+| nginx, idle (baseline) | $(kib "$n_rss") MiB | $(kib "$n_hwm") MiB | $n_cpu % | $n_ticks | 1.00× |
+| cpis-sync-server, idle (for reference) | $(kib "$s_rss") MiB | $(kib "$s_hwm") MiB | $s_cpu % | $s_ticks | $(x "$s_rss" "$n_rss") |
 
 ## Synthetic data generation
 
@@ -603,6 +622,8 @@ and workers, $n_procs processes) idle over the same window, after serving the po
 
 ## Method
 
+* The benches are built with \`cargo bench --no-run --locked\` first and their executables run
+  from there, so nothing is rebuilt between stages.
 * Lookup: \`cargo bench -p cpis-agent --bench lookup\` (agent store and its plaintext floor,
   interleaved, 25,000 seeded probes of which 20,000 hit) and \`sqlcipher-bench\` in
   bench-workspace (the same probes against SQLCipher and a plaintext table built with the
