@@ -58,7 +58,8 @@ enum Command {
         name: Option<String>,
     },
     /// Run the agent: the local API on loopback (POST /v1/lookups, GET /v1/status,
-    /// POST /v1/sync) and the background sync loop, until Ctrl-C or SIGTERM.
+    /// POST /v1/sync), the paramedic page (open http://127.0.0.1:7411/ in the tablet's
+    /// browser) and the background sync loop, until Ctrl-C or SIGTERM.
     ///
     /// The loop syncs at start, then every --sync-interval-secs (plus up to a fifth more at
     /// random), a few seconds after a lookup leaves access events to send, on POST /v1/sync,
@@ -277,8 +278,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(async move {
                 let service = Service::start(agent, cfg).await?;
                 eprintln!(
-                    "cpis-agent: local API on http://{}; background sync every {sync_interval_secs} s",
-                    service.local_addr()
+                    "cpis-agent: local API on http://{addr}; paramedic page on http://{addr}/; \
+                     background sync every {sync_interval_secs} s",
+                    addr = service.local_addr()
                 );
                 let cancel = service.cancel_token();
                 let signals = tokio::spawn(async move {
