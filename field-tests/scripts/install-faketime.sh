@@ -19,8 +19,10 @@ if ! find_lib >/dev/null; then
     echo "installing libfaketime (Debian package libfaketime)" >&2
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    $SUDO apt-get update >&2
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends libfaketime >&2
+    # Wait for the package lock rather than fail (a fresh machine may be upgrading itself).
+    $SUDO apt-get -o DPkg::Lock::Timeout=300 update >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y \
+        --no-install-recommends libfaketime >&2
 fi
 
 find_lib || { echo "libfaketime.so.1 not found after installing libfaketime" >&2; exit 1; }
