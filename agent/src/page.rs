@@ -166,6 +166,16 @@ async fn respond(s: &Shared, code: StatusCode, headers: &HeaderMap, mut view: Vi
     if view.status.is_none() {
         view.status = Some(status_of(s).await);
     }
+    let mut code = code;
+    if let Some(Err(why)) = &view.status {
+        // Not enrolled or shredded: nothing can be checked, and the page says why.
+        if view.problem.is_none() {
+            view.problem = Some(format!("Checks are not possible: {why}"));
+        }
+        if code.is_success() {
+            code = StatusCode::SERVICE_UNAVAILABLE;
+        }
+    }
     let mut resp = (code, axum::response::Html(render::page(&view))).into_response();
     if new
         && let Some(v) = cookie_header(format!(

@@ -896,3 +896,27 @@ async fn under_run_a_page_lookup_is_checked_nationally_and_its_notice_delivered(
     assert_eq!(a.outbox(), "0 notices waiting to be sent");
     svc.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shredded_tablet_says_so_and_checks_nothing() {
+    let f = fixture_page(87, true).await;
+    let mut tab = Tab::new(f.api.local_addr());
+    tab.shift("P9").await;
+    f.agent.shred().unwrap();
+    let a = tab.get("/").await;
+    assert_eq!(a.status, 503);
+    assert_page_headers(&a);
+    assert_eq!(a.freshness(), "expired");
+    assert!(a.banner().contains("<strong>NO DATA</strong>"));
+    assert!(a.body.contains("role=\"alert\""));
+    assert!(
+        a.body.contains("not enrolled, or its data was shredded"),
+        "{}",
+        a.body
+    );
+    assert!(!a.body.contains("<form id=\"lookup\""));
+    let a = tab.post("/lookup", &[("nhs_number", &f.miss)]).await;
+    assert_eq!(a.status, 503);
+    assert!(!a.body.contains("id=\"result\""));
+    f.api.shutdown().await.unwrap();
+}
