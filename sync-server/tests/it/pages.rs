@@ -96,16 +96,26 @@ struct Browser {
 
 impl Browser {
     fn new(env: &Env) -> Browser {
+        Self::with_alpn(env, true)
+    }
+
+    fn with_alpn(env: &Env, h2: bool) -> Browser {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(env.ca.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // HTTP/2 when `h2` (as browsers do: no Host header, the authority is checked).
+        config.alpn_protocols = if h2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(config)
             .https_only(true)
@@ -313,6 +323,8 @@ async fn council_sign_in_refuses_a_wrong_token_and_a_session_is_needed_for_every
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
+    // As from a browser: HTTP/2, no Host header; the same-origin check uses the authority.
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
     let set: Vec<String> = r
         .headers()
         .get_all("set-cookie")
@@ -338,6 +350,11 @@ async fn council_sign_in_refuses_a_wrong_token_and_a_session_is_needed_for_every
     assert!(inbox.body.contains("id=\"empty\">No notices waiting"));
     // Signed in: /council goes to the inbox.
     assert_eq!(b.get("/council").await.location(), "/council/inbox");
+
+    // Over HTTP/1.1 too.
+    let mut h1 = Browser::with_alpn(&env, false);
+    assert_eq!(h1.sign_in("/council", &leics).await.status, 303);
+    assert_eq!(h1.get("/council/inbox").await.status, 200);
 
     // A made-up session id is no session.
     let mut stranger = Browser::new(&env);
@@ -525,6 +542,17 @@ async fn acknowledging_without_the_csrf_token_or_from_another_site_is_refused_an
             "/council/inbox/ack",
             &[("event_id", &id), ("csrf", &csrf)],
             &[("origin", &b.base.replace("https://", "http://"))],
+        )
+        .await;
+    assert_eq!(p.status, 403);
+    // Over HTTP/1.1 (a Host header) the same checks hold.
+    let mut h1 = Browser::with_alpn(&env, false);
+    h1.cookies = b.cookies.clone();
+    let p = h1
+        .post_with(
+            "/council/inbox/ack",
+            &[("event_id", &id), ("csrf", &csrf)],
+            &[("origin", "https://evil.example")],
         )
         .await;
     assert_eq!(p.status, 403);
