@@ -239,6 +239,23 @@ impl Config {
             get,
             &mut self.council_overdue_hours,
         )?;
+        let shed = &mut self.load_shedding;
+        env_parse(
+            "CPIS_SHED_RETRY_AFTER_MAX_SECS",
+            get,
+            &mut shed.retry_after_max_secs,
+        )?;
+        env_parse(
+            "CPIS_DEVICE_REQUESTS_PER_MINUTE",
+            get,
+            &mut shed.device_requests_per_minute,
+        )?;
+        env_parse("CPIS_DEVICE_BURST", get, &mut shed.device_burst)?;
+        env_parse(
+            "CPIS_MAX_TRACKED_DEVICES",
+            get,
+            &mut shed.max_tracked_devices,
+        )?;
         Ok(())
     }
 
@@ -333,5 +350,34 @@ mod tests {
             .apply_env(&|n| (n == "CPIS_CHANGE_LOG_DAYS").then(|| "x".to_owned()))
             .unwrap_err();
         assert!(err.to_string().contains("CPIS_CHANGE_LOG_DAYS"));
+    }
+
+    #[test]
+    fn load_shedding_env_overrides() {
+        let mut c = Config::default();
+        let env = |n: &str| {
+            match n {
+                "CPIS_SHED_RETRY_AFTER_MAX_SECS" => Some("7"),
+                "CPIS_DEVICE_REQUESTS_PER_MINUTE" => Some("30"),
+                "CPIS_DEVICE_BURST" => Some("6"),
+                "CPIS_MAX_TRACKED_DEVICES" => Some("99"),
+                _ => None,
+            }
+            .map(str::to_owned)
+        };
+        c.apply_env(&env).unwrap();
+        assert_eq!(
+            c.load_shedding,
+            SheddingConfig {
+                retry_after_max_secs: 7,
+                device_requests_per_minute: 30,
+                device_burst: 6,
+                max_tracked_devices: 99,
+            }
+        );
+        let err = c
+            .apply_env(&|n| (n == "CPIS_DEVICE_BURST").then(|| "lots".to_owned()))
+            .unwrap_err();
+        assert!(err.to_string().contains("CPIS_DEVICE_BURST"));
     }
 }
