@@ -307,6 +307,14 @@ impl Browser {
             .to_owned())
     }
 
+    /// Takes focus away from every element (as if the page had just been opened without
+    /// autofocus), so that Tab starts from the top of the document.
+    pub(crate) async fn blur(&self) -> anyhow::Result<()> {
+        self.js("if (document.activeElement) document.activeElement.blur(); window.getSelection().removeAllRanges();")
+            .await?;
+        Ok(())
+    }
+
     /// Presses Tab until the element with `id` has focus (at most `max` presses); returns
     /// how many presses it took.
     pub(crate) async fn tab_to(&self, id: &str, max: usize) -> anyhow::Result<usize> {

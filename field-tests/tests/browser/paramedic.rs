@@ -59,6 +59,8 @@ async fn flow(world: &mut World, b: &mut Browser) -> anyhow::Result<()> {
     check_state(b, "staff-id").await?;
 
     // Keyboard only: Tab to the staff id, type it, Enter.
+    // From the top of the page with nothing focused (not only through autofocus).
+    b.blur().await?;
     let presses = b.tab_to("staff-id", 20).await?;
     eprintln!("[paramedic] staff id field reached with {presses} Tab presses");
     b.type_text(STAFF_ID).await?;
@@ -72,6 +74,11 @@ async fn flow(world: &mut World, b: &mut Browser) -> anyhow::Result<()> {
             b.alert().await?
         );
     }
+    let focused = b.focused_id().await?;
+    ensure!(
+        focused == "nhs-number",
+        "the NHS number field does not have focus when the page opens (`{focused}` has)"
+    );
     let text = b.page_text().await?;
     ensure!(
         text.contains(STAFF_ID),
@@ -89,6 +96,7 @@ async fn flow(world: &mut World, b: &mut Browser) -> anyhow::Result<()> {
 
     // FLAGGED, by keyboard alone: Tab to the field, type with spaces, Enter.
     world.agent.sync().await?;
+    b.blur().await?;
     let presses = b.tab_to("nhs-number", 30).await?;
     eprintln!("[paramedic] NHS number field reached with {presses} Tab presses");
     b.type_text(&spaced(&flagged)).await?;
