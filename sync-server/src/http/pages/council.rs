@@ -49,8 +49,15 @@ fn signed_in<S: Store>(
     pages: &Pages<S>,
     headers: &HeaderMap,
 ) -> Result<Session<CouncilUser>, Response> {
+    signed_in_with_id(pages, headers).map(|(_, s)| s)
+}
+
+/// The session's id and the session, or `303` to the sign-in page.
+fn signed_in_with_id<S: Store>(
+    pages: &Pages<S>,
+    headers: &HeaderMap,
+) -> Result<(String, Session<CouncilUser>), Response> {
     current(&pages.councils, headers, SIGN_IN.cookie, now(pages))
-        .map(|(_, s)| s)
         .ok_or_else(|| see_other(SIGN_IN.base, &[]))
 }
 
@@ -419,26 +426,17 @@ async fn inbox_page<S: Store>(
     ))
 }
 
-/// `GET /council/inbox?from=YYYY-MM-DD&to=YYYY-MM-DD[&acked=N]`.
+/// `GET /council/inbox?from=YYYY-MM-DD&to=YYYY-MM-DD`.
 pub(crate) async fn inbox<S: Store>(
     State(pages): State<Arc<Pages<S>>>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> PageResult {
-    let session = signed_in(&pages, &headers)?;
+    let (id, session) = signed_in_with_id(&pages, &headers)?;
     let fields = query.map(|Query(q)| q).unwrap_or_default();
-    let acked = fields
-        .iter()
-        .find(|(k, _)| k == "acked")
-        .and_then(|(_, v)| v.parse::<u64>().ok());
     match Filter::parse(&fields) {
         Ok(filter) => {
-            let notice = acked.map(|n| {
-                Notice::Done(format!(
-                    "{n} notice{} acknowledged.",
-                    if n == 1 { "" } else { "s" }
-                ))
-            });
+            let notice = pages.councils.take_flash(&id).map(Notice::Done);
             inbox_page(&pages, &session, &filter, StatusCode::OK, notice, true).await
         }
         Err((filter, message)) => {
@@ -463,7 +461,7 @@ pub(crate) async fn ack<S: Store>(
     uri: Uri,
     body: Result<Form<Fields>, FormRejection>,
 ) -> PageResult {
-    let session = signed_in(&pages, &headers)?;
+    let (session_id, session) = signed_in_with_id(&pages, &headers)?;
     let fields = form(body, "/council/inbox")?;
     check_post(&headers, &uri, &fields, &session.csrf, "/council/inbox")?;
     let filter = Filter::parse(&fields).unwrap_or_default();
@@ -531,10 +529,20 @@ pub(crate) async fn ack<S: Store>(
     };
     app.metrics.notifications_acknowledged.inc_by(acknowledged);
     tracing::info!(council = %session.who.code, acknowledged, "notifications acknowledged on the inbox page");
-    Ok(see_other(
-        &format!("/council/inbox?{}&acked={acknowledged}", filter.query()),
-        &[],
-    ))
+    pages.councils.set_flash(
+        &session_id,
+        format!(
+            "{acknowledged} notice{} acknowledged.",
+            if acknowledged == 1 { "" } else { "s" }
+        ),
+    );
+    // Back to the inbox, with the dates it was filtered by.
+    let back = if filter.from_text.is_empty() && filter.to_text.is_empty() {
+        "/council/inbox".to_owned()
+    } else {
+        format!("/council/inbox?{}", filter.query())
+    };
+    Ok(see_other(&back, &[]))
 }
 
 // ---- CSV export ----------------------------------------------------------------------------

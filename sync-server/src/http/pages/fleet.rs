@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Form;
-use axum::extract::rejection::{FormRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
@@ -46,8 +46,14 @@ fn signed_in<S: Store>(
     pages: &Pages<S>,
     headers: &HeaderMap,
 ) -> Result<Session<TrustUser>, Response> {
+    signed_in_with_id(pages, headers).map(|(_, s)| s)
+}
+
+fn signed_in_with_id<S: Store>(
+    pages: &Pages<S>,
+    headers: &HeaderMap,
+) -> Result<(String, Session<TrustUser>), Response> {
     current(&pages.fleet, headers, SIGN_IN.cookie, now(pages))
-        .map(|(_, s)| s)
         .ok_or_else(|| see_other(SIGN_IN.base, &[]))
 }
 
@@ -171,13 +177,12 @@ fn active_row(r: &FleetRow) -> String {
     )
 }
 
-/// `GET /fleet/devices[?revoked=ID]`: the trust's active and revoked tablets.
+/// `GET /fleet/devices`: the trust's active and revoked tablets.
 pub(crate) async fn devices<S: Store>(
     State(pages): State<Arc<Pages<S>>>,
     headers: HeaderMap,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> PageResult {
-    let session = signed_in(&pages, &headers)?;
+    let (session_id, session) = signed_in_with_id(&pages, &headers)?;
     let app = &pages.app;
     let now = now(&pages);
     let entries = app
@@ -189,17 +194,7 @@ pub(crate) async fn devices<S: Store>(
     let (revoked, active): (Vec<&FleetRow>, Vec<&FleetRow>) = rows
         .iter()
         .partition(|r| r.entry.device.revoked_at.is_some());
-    let notice = query
-        .ok()
-        .and_then(|Query(q)| q.into_iter().find(|(k, _)| k == "revoked"))
-        .and_then(|(_, v)| {
-            let id: DeviceId = v.parse().ok()?;
-            let row = rows.iter().find(|r| r.entry.device.id == id)?;
-            Some(Notice::Done(format!(
-                "{} was revoked. It is refused from now on and erases its data at its next contact.",
-                device_label(&row.entry.device)
-            )))
-        });
+    let notice = pages.fleet.take_flash(&session_id).map(Notice::Done);
     let mut body = format!(
         "<p>Tablets of {} only. Stalest data first. Data age is the server's time now minus the \
          time of the tablet's newest verified data; outbox is the lookups the tablet has not yet \
@@ -346,7 +341,7 @@ pub(crate) async fn revoke<S: Store>(
     Path(id): Path<String>,
     body: Result<Form<Fields>, FormRejection>,
 ) -> PageResult {
-    let session = signed_in(&pages, &headers)?;
+    let (session_id, session) = signed_in_with_id(&pages, &headers)?;
     let back = format!("/fleet/devices/{}/revoke", super::html::query_value(&id));
     let fields = form(body, &back)?;
     check_post(&headers, &uri, &fields, &session.csrf, &back)?;
@@ -361,8 +356,12 @@ pub(crate) async fn revoke<S: Store>(
         device = %device.id, trust = %session.who.code, changed,
         "device revoked from the fleet page"
     );
-    Ok(see_other(
-        &format!("/fleet/devices?revoked={}", device.id),
-        &[],
-    ))
+    pages.fleet.set_flash(
+        &session_id,
+        format!(
+            "{} was revoked. It is refused from now on and erases its data at its next contact.",
+            device_label(&device)
+        ),
+    );
+    Ok(see_other("/fleet/devices", &[]))
 }

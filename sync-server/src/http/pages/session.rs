@@ -35,6 +35,8 @@ pub(crate) struct Session<T> {
     /// Every POST of the session carries it in the `csrf` field.
     pub(crate) csrf: String,
     pub(crate) expires_at: DateTime<Utc>,
+    /// A message for the next page shown (e.g. "2 notices acknowledged"), shown once.
+    pub(crate) flash: Option<String>,
 }
 
 /// The sessions of one kind.
@@ -59,6 +61,7 @@ impl<T: Clone> Sessions<T> {
             who,
             csrf: random_token(),
             expires_at: now + Duration::hours(SESSION_HOURS),
+            flash: None,
         };
         let mut map = self
             .map
@@ -97,6 +100,26 @@ impl<T: Clone> Sessions<T> {
         }
     }
 
+    /// Leaves a message for the session's next page.
+    pub(crate) fn set_flash(&self, id: &str, message: String) {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = map.get_mut(id) {
+            s.flash = Some(message);
+        }
+    }
+
+    /// Takes the message left for this page, if any.
+    pub(crate) fn take_flash(&self, id: &str) -> Option<String> {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get_mut(id).and_then(|s| s.flash.take())
+    }
+
     /// Ends a session.
     pub(crate) fn remove(&self, id: &str) {
         let mut map = self
@@ -130,6 +153,9 @@ mod tests {
         assert_eq!(s.get(&id, t0() + Duration::hours(7)).unwrap().who, "A");
         assert!(s.get(&id, t0() + Duration::hours(8)).is_none());
         let (id, _) = s.create("B", t0());
+        s.set_flash(&id, "done".into());
+        assert_eq!(s.take_flash(&id).as_deref(), Some("done"));
+        assert_eq!(s.take_flash(&id), None, "shown once");
         s.remove(&id);
         assert!(s.get(&id, t0()).is_none());
         assert!(s.get("made-up", t0()).is_none());
