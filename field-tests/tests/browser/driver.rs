@@ -393,11 +393,15 @@ impl Browser {
     /// Saves a PNG of the whole page (beyond the viewport, up to [`SHOT_MAX_HEIGHT`] CSS
     /// pixels) as `<artefacts>/<NN>-<name>.png`; prints its path.
     pub(crate) async fn screenshot(&mut self, name: &str) -> anyhow::Result<PathBuf> {
+        // The whole width of the window: capturing beyond the viewport lays the page out
+        // without its vertical scroll bar, so the content is as wide as the window.
         let metrics = self.cdp("Page.getLayoutMetrics", json!({})).await?;
-        let size = &metrics["cssContentSize"];
+        let inner = self.js("return window.innerWidth;").await?.as_f64();
         let (w, h) = (
-            size["width"].as_f64().unwrap_or(1280.0),
-            size["height"].as_f64().unwrap_or(800.0),
+            inner.unwrap_or(1280.0),
+            metrics["cssContentSize"]["height"]
+                .as_f64()
+                .unwrap_or(800.0),
         );
         let shot = self
             .cdp(
