@@ -1146,7 +1146,8 @@ async fn a_trust_admin_sees_only_its_own_devices_and_revokes_after_confirming() 
         .row("data-device-id", &spare.enrolment.device_id.to_string())
         .unwrap();
     assert!(spare_row.contains("No report yet"));
-    assert!(page.body.contains("id=\"no-revoked\""));
+    assert!(page.body.contains("id=\"no-revoked\">No revoked devices."));
+    assert!(page.element("table", "revoked").is_some());
 
     // Another trust's device: not found, nothing changed, even with a valid csrf.
     let other = theirs.enrolment.device_id.to_string();

@@ -202,21 +202,21 @@ pub(crate) async fn devices<S: Store>(
         esc(&session.who.name),
         active.len()
     );
+    // The tables are always there (empty: one row saying so), so the lists are easy to find.
+    body.push_str(
+        "<div class=\"table-wrap\"><table id=\"devices\" aria-labelledby=\"active-heading\">\n\
+         <thead><tr><th scope=\"col\">Device</th><th scope=\"col\">Region</th>\
+         <th scope=\"col\">Last seen</th><th scope=\"col\">Data age</th>\
+         <th scope=\"col\">Outbox</th><th scope=\"col\">App version</th>\
+         <th scope=\"col\">Status</th><th scope=\"col\">Action</th></tr></thead>\n<tbody>\n",
+    );
     if active.is_empty() {
-        body.push_str("<p id=\"no-devices\">No active devices.</p>\n");
-    } else {
-        body.push_str(
-            "<div class=\"table-wrap\"><table id=\"devices\" aria-labelledby=\"active-heading\">\n\
-             <thead><tr><th scope=\"col\">Device</th><th scope=\"col\">Region</th>\
-             <th scope=\"col\">Last seen</th><th scope=\"col\">Data age</th>\
-             <th scope=\"col\">Outbox</th><th scope=\"col\">App version</th>\
-             <th scope=\"col\">Status</th><th scope=\"col\">Action</th></tr></thead>\n<tbody>\n",
-        );
-        for r in &active {
-            body.push_str(&active_row(r));
-        }
-        body.push_str("</tbody></table></div>\n");
+        body.push_str("<tr><td colspan=\"8\" id=\"no-devices\">No active devices.</td></tr>\n");
     }
+    for r in &active {
+        body.push_str(&active_row(r));
+    }
+    body.push_str("</tbody></table></div>\n");
     let mut revoked = revoked;
     revoked.sort_by_key(|r| std::cmp::Reverse(r.entry.device.revoked_at));
     let _ = writeln!(
@@ -224,29 +224,28 @@ pub(crate) async fn devices<S: Store>(
         "<h2 id=\"revoked-heading\">Revoked devices ({})</h2>",
         revoked.len()
     );
+    body.push_str(
+        "<div class=\"table-wrap\"><table id=\"revoked\" aria-labelledby=\"revoked-heading\">\n\
+         <thead><tr><th scope=\"col\">Device</th><th scope=\"col\">Region</th>\
+         <th scope=\"col\">Revoked</th><th scope=\"col\">Last seen</th></tr></thead>\n<tbody>\n",
+    );
     if revoked.is_empty() {
-        body.push_str("<p id=\"no-revoked\">No revoked devices.</p>\n");
-    } else {
-        body.push_str(
-            "<div class=\"table-wrap\"><table id=\"revoked\" aria-labelledby=\"revoked-heading\">\n\
-             <thead><tr><th scope=\"col\">Device</th><th scope=\"col\">Region</th>\
-             <th scope=\"col\">Revoked</th><th scope=\"col\">Last seen</th></tr></thead>\n<tbody>\n",
-        );
-        for r in revoked.iter().take(MAX_REVOKED_SHOWN) {
-            let d = &r.entry.device;
-            let id = esc(&d.id.to_string());
-            let _ = writeln!(
-                body,
-                "<tr data-device-id=\"{id}\"><td>{}<br><span class=\"muted\">{id}</span></td>\
-                 <td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&device_label(d)),
-                esc(d.region.as_str()),
-                d.revoked_at.map_or_else(String::new, time),
-                r.last_seen.map_or_else(|| "Never".to_owned(), time),
-            );
-        }
-        body.push_str("</tbody></table></div>\n");
+        body.push_str("<tr><td colspan=\"4\" id=\"no-revoked\">No revoked devices.</td></tr>\n");
     }
+    for r in revoked.iter().take(MAX_REVOKED_SHOWN) {
+        let d = &r.entry.device;
+        let id = esc(&d.id.to_string());
+        let _ = writeln!(
+            body,
+            "<tr data-device-id=\"{id}\"><td>{}<br><span class=\"muted\">{id}</span></td>\
+             <td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&device_label(d)),
+            esc(d.region.as_str()),
+            d.revoked_at.map_or_else(String::new, time),
+            r.last_seen.map_or_else(|| "Never".to_owned(), time),
+        );
+    }
+    body.push_str("</tbody></table></div>\n");
     Ok(html(
         StatusCode::OK,
         layout(
