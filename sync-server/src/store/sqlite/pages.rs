@@ -174,3 +174,83 @@ pub(super) fn trust_for_admin_token(
         bool::from(stored.as_slice().ct_eq(&hash[..])).then_some(trust)
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::sqlite::{MIGRATIONS, migrate};
+
+    /// A database at the schema before this migration gets the uploads it already holds as
+    /// applied attempts (the newest 100 per council), in order.
+    #[test]
+    fn the_migration_carries_recorded_uploads_over() {
+        let mut c = Connection::open_in_memory().unwrap();
+        let before = MIGRATIONS.iter().position(|m| *m == MIGRATION).unwrap();
+        for sql in &MIGRATIONS[..before] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", before as u32)
+            .unwrap();
+        for i in 0..105i64 {
+            c.execute(
+                "INSERT INTO uploads (id, council, received_at, rows, added, updated, ended, \
+                 removed, unchanged, version) VALUES (?1, 'E1000001', ?2, 1, 1, 0, 0, 0, 0, ?2)",
+                params![uuid::Uuid::now_v7().to_string(), 1_000 + i],
+            )
+            .unwrap();
+        }
+        c.execute(
+            "INSERT INTO uploads (id, council, received_at, rows, added, updated, ended, \
+             removed, unchanged, version) VALUES (?1, 'E1000002', 5, 2, 2, 0, 0, 0, 0, 7)",
+            params![uuid::Uuid::now_v7().to_string()],
+        )
+        .unwrap();
+        migrate(&mut c).unwrap();
+        let e1 = attempts(&c, &"E1000001".parse().unwrap(), 1000).unwrap();
+        assert_eq!(e1.len(), MAX_UPLOAD_ATTEMPTS);
+        assert_eq!(e1[0].received_at.timestamp(), 1_104, "newest first");
+        assert_eq!(e1[99].received_at.timestamp(), 1_005);
+        let e2 = attempts(&c, &"E1000002".parse().unwrap(), 10).unwrap();
+        assert!(matches!(
+            e2[0].outcome,
+            AttemptOutcome::Applied {
+                counts: UploadCounts { rows: 2, .. },
+                version: 7,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refusals_keep_their_errors_and_each_council_its_newest_attempts() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        let council: CouncilCode = "E1000001".parse().unwrap();
+        let now = DateTime::from_timestamp(1_000, 0).unwrap();
+        let refused = RefusedUpload {
+            message: "the upload has 1 error(s)".into(),
+            error_count: 3,
+            errors: vec![UploadError {
+                line: 2,
+                column: "plan_type".into(),
+                code: "bad_plan_type".into(),
+                message: "no".into(),
+            }],
+        };
+        for _ in 0..MAX_UPLOAD_ATTEMPTS + 3 {
+            record_attempt(&c, &council, now, None, Some(&refused)).unwrap();
+        }
+        record_attempt(&c, &"E1000002".parse().unwrap(), now, None, Some(&refused)).unwrap();
+        let kept = attempts(&c, &council, 1000).unwrap();
+        assert_eq!(kept.len(), MAX_UPLOAD_ATTEMPTS);
+        assert_eq!(kept[0].outcome, AttemptOutcome::Refused(refused));
+        assert!(kept.windows(2).all(|w| w[0].seq > w[1].seq));
+        assert_eq!(
+            attempts(&c, &"E1000002".parse().unwrap(), 10)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+}
