@@ -66,16 +66,19 @@ pub(crate) async fn ensure_tools() -> anyhow::Result<()> {
                 script.display()
             );
             let started = Instant::now();
-            let out = Cmd::new("sh")
-                .arg(&script)
-                .output(INSTALL_TIMEOUT)
-                .await
-                .and_then(|o| o.ok().map(|_| ()));
+            let out = Cmd::new("sh").arg(&script).output(INSTALL_TIMEOUT).await;
+            if let Ok(o) = &out {
+                // The script's own lines: what it installed and the versions now present.
+                for line in o.stderr.lines().filter(|l| l.starts_with("install.sh:")) {
+                    eprintln!("[browser] {line}");
+                }
+            }
             eprintln!(
                 "[browser] install.sh took {:.1} s",
                 started.elapsed().as_secs_f64()
             );
-            out.map_err(|e| format!("{} failed: {e:#}", script.display()))
+            out.and_then(|o| o.ok().map(drop))
+                .map_err(|e| format!("{} failed: {e:#}", script.display()))
         };
         let _ = DONE.set(result);
     }
