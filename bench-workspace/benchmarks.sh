@@ -120,6 +120,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx-
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 command -v jq >/dev/null 2>&1 || need_pkgs+=(jq)
 command -v gzip >/dev/null 2>&1 || need_pkgs+=(gzip)
+[ -x /usr/bin/time ] || need_pkgs+=(time)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     step "installing ${need_pkgs[*]} from Debian's packages"
     apt_install "${need_pkgs[@]}"
@@ -275,7 +276,8 @@ sync_phase() { # sync_phase NAME: one `cpis-agent sync`, its wire bytes and time
     local m t1 t2
     m=$(relay_mark)
     t1=$(date +%s.%N)
-    "$B/cpis-agent" sync --state-dir "$T" --json > "$R/sync-$1.json" 2> "$R/sync-$1.err" ||
+    /usr/bin/time -f '%M %U %S' -o "$R/time-$1.txt" \
+        "$B/cpis-agent" sync --state-dir "$T" --json > "$R/sync-$1.json" 2> "$R/sync-$1.err" ||
         die "sync ($1) failed: $(cat "$R/sync-$1.err")"
     t2=$(date +%s.%N)
     read -r up down conns <<< "$(relay_sum "$m")"
@@ -294,6 +296,10 @@ for phase in full:snapshot delta:delta nochange:up_to_date; do
     got=$(jq -r .action "$R/sync-${phase%%:*}.json")
     [ "$got" = "${phase#*:}" ] || die "sync ${phase%%:*} did '$got', expected '${phase#*:}'"
 done
+# Peak RSS (KiB) and CPU seconds of each whole `cpis-agent sync` process (GNU time).
+read -r full_maxrss full_cpu_u full_cpu_s < "$R/time-full.txt"
+read -r delta_maxrss delta_cpu_u delta_cpu_s < "$R/time-delta.txt"
+for v in full_maxrss full_cpu_u full_cpu_s delta_maxrss delta_cpu_u delta_cpu_s; do num "$v" "${!v}" > /dev/null; done
 held_version=$(num "region version held" "$(jq -r .version "$R/sync-nochange.json")")
 full_version=$(num "region version after day 1" "$(jq -r .version "$R/sync-full.json")")
 for v in full_up full_down delta_up delta_down none_up none_down; do num "$v" "${!v}" > /dev/null; done
@@ -613,6 +619,11 @@ idle over the same window, after serving the polls above. The snapshot was insta
 | cpis-agent run ($a_thr threads) | $(kib "$a_rss") MiB | $(kib "$a_hwm") MiB | $a_cpu % | $a_ticks | $(x "$a_rss" "$n_rss") |
 | nginx, idle (baseline) | $(kib "$n_rss") MiB | $(kib "$n_hwm") MiB | $n_cpu % | $n_ticks | 1.00× |
 | cpis-sync-server, idle (for reference) | $(kib "$s_rss") MiB | $(kib "$s_hwm") MiB | $s_cpu % | $s_ticks | $(x "$s_rss" "$n_rss") |
+
+For reference, the whole \`cpis-agent sync\` processes above (GNU time): the first sync,
+which downloads and installs the snapshot, peaked at $(kib "$full_maxrss") MiB resident and used
+$(FMT=%.2f calc "$full_cpu_u + $full_cpu_s") s of CPU; the delta sync peaked at
+$(kib "$delta_maxrss") MiB and used $(FMT=%.2f calc "$delta_cpu_u + $delta_cpu_s") s.
 
 ## Synthetic data generation
 

@@ -10,7 +10,8 @@
 //! Run: `cargo bench -p cpis-agent --bench lookup` (`CPIS_BENCH_FLAGS` changes the size).
 //! The SQLCipher figure comes from `bench-workspace/` (a workspace of its own, so this crate
 //! never links SQLCipher); `bench-workspace/run.sh` runs both and prints all three lookup
-//! figures side by side from the `RESULT` lines printed at the end.
+//! figures side by side from the `RESULT` lines printed at the end (`benchmarks.sh` there
+//! also reads `RESULT write`: the encrypted store's and the plaintext table's write times).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -7,8 +7,8 @@
 //! agent's encrypted store is measured by the agent's own benchmark (that crate links plain
 //! `bundled` SQLite and must never link SQLCipher); `run.sh` prints all three side by side.
 //!
-//! Output: human-readable lines, then `RESULT <name> p50_us=<f> p99_us=<f>` lines for
-//! `run.sh`. `CPIS_BENCH_FLAGS` changes the number of flags (default 200000).
+//! Output: human-readable lines, then `RESULT <name> p50_us=<f> p99_us=<f>` lines and
+//! `RESULT build ...` (plaintext and SQLCipher build times) for `run.sh` and `benchmarks.sh`. `CPIS_BENCH_FLAGS` changes the number of flags (default 200000).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
