@@ -100,6 +100,20 @@ async fn flow(world: &World, b: &mut Browser) -> anyhow::Result<()> {
     ensure!(b.exists("a#export").await?, "no a#export");
     b.audit("inbox").await?;
     b.screenshot("inbox").await?;
+    // Reported, not asserted: the paramedic page is the one held to 200% zoom here.
+    for l in b.layouts("inbox").await? {
+        eprintln!(
+            "[council] inbox at {}: scrollWidth {}, clientWidth {}{}",
+            l.label,
+            l.scroll_width,
+            l.client_width,
+            if l.scroll_width > l.client_width {
+                " (scrolls sideways)"
+            } else {
+                ""
+            }
+        );
+    }
 
     // Acknowledge it: gone from the page and from the mailbox.
     b.find(&format!("{row} input[type=checkbox][name=event_id]"))

@@ -467,6 +467,33 @@ impl Browser {
         }
     }
 
+    /// The page at 200% zoom (1280x800 seen at 200%: 640x400 CSS pixels at scale 2), on an
+    /// 800x1280 portrait tablet and back at 1280x800: the document's widths in each, with a
+    /// screenshot of the first two (`<state>-200pc`, `<state>-portrait`).
+    pub(crate) async fn layouts(&mut self, state: &str) -> anyhow::Result<Vec<Layout>> {
+        let mut out = Vec::new();
+        for (label, w, h, scale) in [("200pc", 640, 400, 2.0), ("portrait", 800, 1280, 1.0)] {
+            self.emulate(w, h, scale).await?;
+            let (scroll_width, client_width) = self.widths().await?;
+            let screenshot = self.screenshot(&format!("{state}-{label}")).await?;
+            out.push(Layout {
+                label,
+                scroll_width,
+                client_width,
+                screenshot,
+            });
+        }
+        self.reset_emulation().await?;
+        let (scroll_width, client_width) = self.widths().await?;
+        out.push(Layout {
+            label: "1280x800",
+            scroll_width,
+            client_width,
+            screenshot: PathBuf::new(),
+        });
+        Ok(out)
+    }
+
     /// Runs axe-core on the page; fails listing every violation in full if there is any.
     pub(crate) async fn audit(&self, state: &str) -> anyhow::Result<()> {
         let client = self.client()?;
@@ -546,6 +573,16 @@ impl Drop for Browser {
             }
         }
     }
+}
+
+/// The document's widths in one viewport: a horizontal scroll bar when `scroll_width`
+/// exceeds `client_width`.
+#[derive(Debug)]
+pub(crate) struct Layout {
+    pub(crate) label: &'static str,
+    pub(crate) scroll_width: u64,
+    pub(crate) client_width: u64,
+    pub(crate) screenshot: PathBuf,
 }
 
 /// A DevTools protocol command through chromedriver (`POST /session/{id}/goog/cdp/execute`).

@@ -54,6 +54,20 @@ async fn flow(world: &World, b: &mut Browser) -> anyhow::Result<()> {
     eprintln!("[fleet] device row: {}", text.replace('\n', " | "));
     b.audit("devices").await?;
     b.screenshot("devices").await?;
+    // Reported, not asserted: the paramedic page is the one held to 200% zoom here.
+    for l in b.layouts("devices").await? {
+        eprintln!(
+            "[fleet] devices at {}: scrollWidth {}, clientWidth {}{}",
+            l.label,
+            l.scroll_width,
+            l.client_width,
+            if l.scroll_width > l.client_width {
+                " (scrolls sideways)"
+            } else {
+                ""
+            }
+        );
+    }
 
     // Revoke: a confirmation page first.
     b.click_to_page(&format!("{row} a.revoke")).await?;

@@ -298,27 +298,20 @@ async fn check_outbox(world: &World, b: &Browser) -> anyhow::Result<u64> {
     Ok(pending)
 }
 
-/// axe-core at 1280x800, then no horizontal scroll at 1280x800, 200% zoom (640x400 CSS
-/// pixels at scale 2) and 800x1280 portrait, with a screenshot of each.
+/// axe-core at 1280x800, a screenshot, and no horizontal scroll at 1280x800, 200% zoom or
+/// 800x1280 portrait (each photographed).
 async fn check_state(b: &mut Browser, state: &str) -> anyhow::Result<()> {
     b.audit(state).await?;
     b.screenshot(state).await?;
-    for (label, w, h, scale) in [("200pc", 640, 400, 2.0), ("portrait", 800, 1280, 1.0)] {
-        b.emulate(w, h, scale).await?;
-        let (scroll, client) = b.widths().await?;
-        let shot = b.screenshot(&format!("{state}-{label}")).await?;
+    for l in b.layouts(state).await? {
         ensure!(
-            scroll <= client,
-            "{state} at {label}: horizontal scroll (scrollWidth {scroll} > clientWidth \
-             {client}); see {}",
-            shot.display()
+            l.scroll_width <= l.client_width,
+            "{state} at {}: horizontal scroll (scrollWidth {} > clientWidth {}); see {}",
+            l.label,
+            l.scroll_width,
+            l.client_width,
+            l.screenshot.display()
         );
     }
-    b.reset_emulation().await?;
-    let (scroll, client) = b.widths().await?;
-    ensure!(
-        scroll <= client,
-        "{state} at 1280x800: horizontal scroll (scrollWidth {scroll} > clientWidth {client})"
-    );
     Ok(())
 }
