@@ -183,7 +183,7 @@ impl Browser {
         .await
         .map_err(|_| anyhow!("no Chromium session within {START_TIMEOUT:?}"))?
         .with_context(|| format!("opening a Chromium session\n{}", process::tail(&log, 20)))?;
-        let mut browser = Self {
+        let browser = Self {
             client: Some(client),
             driver,
             profile,
@@ -200,7 +200,6 @@ impl Browser {
                 Some(Duration::ZERO),
             ))
             .await?;
-        browser.shots = 0;
         Ok(browser)
     }
 
