@@ -20,6 +20,13 @@
 //!   larger), between 1 and `retry_after_max_secs`, and each 503 carries a uniformly random
 //!   whole number of seconds in `1..=spread`. A short burst gets `Retry-After: 1`; 20,000
 //!   tablets hitting a server that admits 1,000 a second are spread over about 20 s.
+//! * **A sync begun is finished.** A sync is several requests (checkpoint, delta or snapshot,
+//!   events, report); shedding one part way wastes what was already done and brings the
+//!   whole sync back later. So a device that had a request admitted in the last
+//!   [`SESSION`] (5 s) is not shed at once when the slots are full: it waits up to
+//!   [`SESSION_WAIT`] (2 s) for a slot (slots freed go to waiting requests first), and only
+//!   then gets the 503. Waiting requests hold no slot; there are at most as many as devices
+//!   served in the last 5 s. New devices are turned away at once.
 //!
 //! Both are counted in `cpis_shed_requests_total{reason="rate_limited"|"overloaded"}`;
 //! `cpis_requests_in_flight` is the number of requests holding a slot.
@@ -44,10 +51,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long after a device's request was admitted its next ones count as the same sync.
+pub const SESSION: Duration = Duration::from_secs(5);
+/// How long a request of a sync under way may wait for a slot before it is shed.
+pub const SESSION_WAIT: Duration = Duration::from_secs(2);
+
 /// The shedding state shared by every route (one per server).
 #[derive(Debug)]
 pub struct Shedder {
     permits: Arc<Semaphore>,
+    /// When each device last had a request admitted (bounded like the rate limiter).
+    sessions: Mutex<HashMap<DeviceId, Instant>>,
+    max_sessions: usize,
     window: Mutex<Window>,
     retry_after_max: u64,
     devices: Option<Mutex<DeviceLimiter>>,
@@ -59,6 +74,8 @@ impl Shedder {
         let s = &config.load_shedding;
         Self {
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
+            sessions: Mutex::new(HashMap::new()),
+            max_sessions: s.max_tracked_devices.max(1),
             window: Mutex::new(Window::new(Instant::now())),
             retry_after_max: s.retry_after_max_secs.max(1),
             devices: DeviceLimiter::new(s).map(Mutex::new),
@@ -85,10 +102,29 @@ impl Shedder {
         Duration::from_secs(rand::thread_rng().gen_range(1..=spread))
     }
 
-    fn admitted(&self, now: Instant) {
-        let mut w = lock(&self.window);
-        w.roll(now);
-        w.admitted += 1;
+    fn admitted(&self, now: Instant, device: Option<DeviceId>) {
+        {
+            let mut w = lock(&self.window);
+            w.roll(now);
+            w.admitted += 1;
+        }
+        if let Some(d) = device {
+            let mut sessions = lock(&self.sessions);
+            if sessions.len() >= self.max_sessions && !sessions.contains_key(&d) {
+                sessions.retain(|_, at| now.saturating_duration_since(*at) < SESSION);
+                if sessions.len() >= self.max_sessions {
+                    sessions.clear();
+                }
+            }
+            sessions.insert(d, now);
+        }
+    }
+
+    /// True when `device` had a request admitted within [`SESSION`] before `now`.
+    fn in_session(&self, device: DeviceId, now: Instant) -> bool {
+        lock(&self.sessions)
+            .get(&device)
+            .is_some_and(|at| now.saturating_duration_since(*at) < SESSION)
     }
 
     fn count(&self, reason: &'static str) {
@@ -102,17 +138,32 @@ impl Shedder {
 /// The middleware of every shed route (`axum::middleware::from_fn_with_state`).
 pub async fn layer(State(shed): State<Arc<Shedder>>, req: Request, next: Next) -> Response {
     let now = Instant::now();
-    if let Some(ClientIdentity(Some(device))) = req.extensions().get::<ClientIdentity>().copied()
+    let device = match req.extensions().get::<ClientIdentity>().copied() {
+        Some(ClientIdentity(Some(device))) => Some(device),
+        _ => None,
+    };
+    if let Some(device) = device
         && let Err(wait) = shed.check_device(device, now)
     {
         shed.count("rate_limited");
         return ApiError::rate_limited(wait).into_response();
     }
-    let Ok(permit) = shed.permits.clone().try_acquire_owned() else {
-        shed.count("overloaded");
-        return ApiError::overloaded(shed.shed_retry_after(now)).into_response();
+    let permit = match shed.permits.clone().try_acquire_owned() {
+        Ok(permit) => Some(permit),
+        // A sync under way waits a little for a slot rather than being cut part way.
+        Err(_) if device.is_some_and(|d| shed.in_session(d, now)) => {
+            tokio::time::timeout(SESSION_WAIT, shed.permits.clone().acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        }
+        Err(_) => None,
     };
-    shed.admitted(now);
+    let Some(permit) = permit else {
+        shed.count("overloaded");
+        return ApiError::overloaded(shed.shed_retry_after(Instant::now())).into_response();
+    };
+    shed.admitted(Instant::now(), device);
     shed.metrics.requests_in_flight.inc();
     let response = next.run(req).await;
     shed.metrics.requests_in_flight.dec();

@@ -145,16 +145,9 @@ async fn a_saturated_server_answers_503_with_retry_after_while_healthz_and_metri
     })
     .await;
     env.seed().await;
+    // A tablet the server has not served yet (one it is serving would wait for a slot: see
+    // the next test).
     let d = env.enrol(EM).await;
-    assert_eq!(
-        d.client
-            .get(env.url(paths::CHECKPOINT))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
     // Two uploads whose bodies never finish hold both slots.
     let held = vec![hold_a_slot(&env).await, hold_a_slot(&env).await];
     until_in_flight(&env, 2.0).await;
@@ -218,5 +211,36 @@ async fn a_saturated_server_answers_503_with_retry_after_while_healthz_and_metri
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_sync_under_way_waits_for_a_slot_while_new_devices_are_shed() {
+    let env = Env::start_with(|c| c.max_concurrent_requests = 2).await;
+    env.seed().await;
+    let syncing = env.enrol(EM).await;
+    let newcomer = env.enrol(EM).await;
+    // The first request of a sync is admitted.
+    let get = |d: &crate::harness::Device| d.client.get(env.url(paths::CHECKPOINT)).send();
+    assert_eq!(get(&syncing).await.unwrap().status(), 200);
+    let mut held = vec![hold_a_slot(&env).await, hold_a_slot(&env).await];
+    until_in_flight(&env, 2.0).await;
+
+    // A device the server is not serving yet is turned away at once.
+    let r = get(&newcomer).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(retry_after(&r) >= 1);
+
+    // The next request of the sync under way waits for a slot (freed 300 ms later) instead.
+    let next = tokio::spawn({
+        let client = syncing.client.clone();
+        let url = env.url(&format!("{}?from=0", paths::DELTA));
+        async move { client.get(url).send().await.unwrap().status() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held.pop());
+    assert!(next.await.unwrap().is_success());
+    drop(held);
+    until_in_flight(&env, 0.0).await;
     env.stop().await;
 }
