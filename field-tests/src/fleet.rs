@@ -36,6 +36,26 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// A directory for the fleet's state directories: on `/dev/shm` when it is a tmpfs with at
+/// least `room` bytes free, else under the system's temp dir. Thousands of tablets each
+/// fsyncing their own database would measure this machine's one disk, not the server; the
+/// tablets' durability is tested elsewhere (the agent's crash tests, the kill -9 scenario).
+pub fn state_root(room: u64) -> anyhow::Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    let roomy = rustix::fs::statvfs(shm)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize) >= room)
+        .unwrap_or(false);
+    let builder = {
+        let mut b = tempfile::Builder::new();
+        b.prefix("cpis-fleet-");
+        b
+    };
+    if roomy && let Ok(dir) = builder.tempdir_in(shm) {
+        return Ok(dir);
+    }
+    builder.tempdir().context("creating the fleet's directory")
+}
+
 /// Raises this process's soft limit on open files to `want` (or the hard limit, if lower);
 /// children started afterwards inherit it. Returns the (soft, hard) limits now in force.
 pub fn raise_fd_limit(want: u64) -> anyhow::Result<(u64, u64)> {
@@ -90,6 +110,7 @@ pub struct Stats {
     enrol_shed: AtomicU64,
     other: AtomicU64,
     other_errors: Mutex<Vec<String>>,
+    unreachable_errors: Mutex<Vec<String>>,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -121,6 +142,8 @@ pub struct Counts {
     pub other: u64,
     /// The first few of those, as the agent said them.
     pub other_errors: Vec<String>,
+    /// The first few connection failures, as the agent said them.
+    pub unreachable_errors: Vec<String>,
 }
 
 impl std::fmt::Display for Counts {
@@ -170,15 +193,24 @@ impl Stats {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            unreachable_errors: self
+                .unreachable_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    fn sample(list: &Mutex<Vec<String>>, what: String) {
+        let mut v = list.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() < 20 {
+            v.push(what);
         }
     }
 
     fn other(&self, what: String) {
         Self::add(&self.other);
-        let mut v = self.other_errors.lock().unwrap_or_else(|p| p.into_inner());
-        if v.len() < 20 {
-            v.push(what);
-        }
+        Self::sample(&self.other_errors, what);
     }
 }
 
@@ -369,20 +401,38 @@ impl Fleet {
         self.members[i].handle.as_ref()?.sync_now().await
     }
 
-    /// Waits until every tablet that is not revoked has synced to at least `version` and has
-    /// an empty outbox, and every tablet in `revoked` has wiped itself; at most `bound`.
-    /// Returns how long it took, or which tablets had not got there.
+    /// Tablet `i`'s loop handle (`None` before [`Fleet::start`]).
+    pub fn sync_handle(&self, i: usize) -> Option<SyncHandle> {
+        self.members[i].handle.clone()
+    }
+
+    /// Waits until every tablet that is not in `revoked` has synced to at least `version`
+    /// and has an empty outbox, and every tablet in `revoked` has wiped itself; at most
+    /// `bound`. Returns how long it took, or which tablets had not got there.
     pub async fn converge(
         &self,
         version: u64,
         revoked: &[usize],
         bound: Duration,
     ) -> anyhow::Result<Duration> {
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        self.converge_some(version, &all, revoked, bound).await
+    }
+
+    /// [`Fleet::converge`] for the tablets in `which` only.
+    pub async fn converge_some(
+        &self,
+        version: u64,
+        which: &[usize],
+        revoked: &[usize],
+        bound: Duration,
+    ) -> anyhow::Result<Duration> {
         let started = Instant::now();
         loop {
             let mut behind = Vec::new();
-            for m in &self.members {
-                let done = if revoked.contains(&m.index) {
+            for &i in which {
+                let m = &self.members[i];
+                let done = if revoked.contains(&i) {
                     m.revoked()
                 } else {
                     m.version() >= version
@@ -393,7 +443,7 @@ impl Fleet {
                             .unwrap_or(false)
                 };
                 if !done {
-                    behind.push(m.index);
+                    behind.push(i);
                 }
             }
             if behind.is_empty() {
@@ -501,6 +551,7 @@ impl Worker for FleetWorker {
                         (_, Some((status, wait))) => Self::shed(&stats, &progress, status, wait),
                         (AgentError::Net(NetError::Unreachable { .. }), None) => {
                             Stats::add(&stats.unreachable);
+                            Stats::sample(&stats.unreachable_errors, e.to_string());
                         }
                         _ => stats.other(e.to_string()),
                     }

@@ -12,4 +12,5 @@ mod proxy;
 mod resume;
 mod servers;
 mod slow_link;
+mod storm;
 mod tamper;
