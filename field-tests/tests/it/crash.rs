@@ -220,6 +220,9 @@ async fn kill_9_agent_and_server_at_random_points_never_tears_the_data() {
             if what == "agent" {
                 if sync.kill9().await.unwrap() {
                     tally.agent_kills += 1;
+                    if before.is_none() {
+                        tally.snapshot_kills += 1;
+                    }
                     killed_mid_sync = true;
                 }
             } else {
@@ -281,10 +284,11 @@ async fn kill_9_agent_and_server_at_random_points_never_tears_the_data() {
     eprintln!(
         "[kill-9] {} operations in {round} rounds, {:?}: {} council uploads ({} acknowledged \
          in all), {} tablet syncs, {} lookups ({} flagged), {} server starts after a kill, {} \
-         tablet resets; {} agent kills mid-sync (the tablet then showed: {} no change yet, {} \
-         a new version with events still pending, {} a new version and no events pending, {} \
-         events acknowledged with no new version), {} server kills; after each kill the tablet held \
-         [o]ld / [N]ew / [n]o version: {}; {delivered} notices delivered once each",
+         tablet resets; {} agent kills mid-sync ({} taking a snapshot, the others a delta or \
+         nothing new; the tablet then showed: {} no change yet, {} a new version with events \
+         still pending, {} a new version and no events pending, {} events acknowledged with \
+         no new version), {} server kills; after each kill the tablet held [o]ld / [N]ew / \
+         [n]o version: {}; {delivered} notices delivered once each",
         tally.operations(&run.notices),
         started.elapsed(),
         tally.uploads,
@@ -295,6 +299,7 @@ async fn kill_9_agent_and_server_at_random_points_never_tears_the_data() {
         tally.restarts,
         tally.resets,
         tally.agent_kills,
+        tally.snapshot_kills,
         count('f'),
         count('u'),
         count('d'),
@@ -316,6 +321,8 @@ struct Tally {
     restarts: usize,
     resets: usize,
     agent_kills: usize,
+    /// Agent kills during a sync that had to take a full snapshot (the others: deltas).
+    snapshot_kills: usize,
     server_kills: usize,
     outcomes: Vec<char>,
     /// Where each agent kill landed, as the tablet shows it: `f` no change yet, `u` a new
@@ -333,7 +340,10 @@ impl Tally {
     /// Starts the server if a kill stopped it (counted as an operation).
     async fn restart(&mut self, run: &mut Run) {
         if !run.field.server.is_running().unwrap() {
-            run.field.server.start().await.unwrap();
+            let seed = run.seed;
+            run.field.server.start().await.unwrap_or_else(|e| {
+                panic!("starting the server after a kill (seed {seed}): {e:#}")
+            });
             self.restarts += 1;
         }
     }
