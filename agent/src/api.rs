@@ -188,10 +188,8 @@ async fn sync(State(s): State<Arc<Shared>>) -> Result<Response, HttpError> {
             }
             Ok(resp)
         }
-        Ok(Some(Outcome::Revoked(msg))) => Err(AgentError::NotEnrolled(format!(
-            "this device was revoked ({msg}); its data has been shredded"
-        ))
-        .into()),
+        // The message already says the device was revoked and its data shredded.
+        Ok(Some(Outcome::Revoked(msg))) => Err(AgentError::NotEnrolled(msg).into()),
         Ok(None) => Err(s.agent.check_live().err().map_or_else(
             || {
                 HttpError(

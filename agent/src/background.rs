@@ -31,6 +31,7 @@ pub enum Outcome {
         error: String,
         retry_after: Option<Duration>,
     },
+    /// The device was revoked and its data shredded; the message says so, for people.
     Revoked(String),
 }
 
@@ -214,14 +215,30 @@ impl AgentWorker {
     }
 }
 
-fn failed(e: &AgentError) -> Outcome {
-    let retry_after = match e {
-        AgentError::Net(n) => n.retry_after(),
-        _ => None,
-    };
-    Outcome::Failed {
-        error: e.to_string(),
-        retry_after,
+impl Outcome {
+    /// A failed attempt, with the server's `Retry-After` when it gave one.
+    pub fn failed(e: &AgentError) -> Outcome {
+        let retry_after = match e {
+            AgentError::Net(n) => n.retry_after(),
+            _ => None,
+        };
+        Outcome::Failed {
+            error: e.to_string(),
+            retry_after,
+        }
+    }
+
+    /// The feed synced but access events are still waiting (`e`: why): a failed attempt, so
+    /// the loop retries soon — after the server's `Retry-After` if it shed the upload.
+    pub fn events_not_sent(e: &AgentError) -> Outcome {
+        let retry_after = match e {
+            AgentError::Net(n) => n.retry_after(),
+            _ => None,
+        };
+        Outcome::Failed {
+            error: format!("data synced; access events not sent: {e}"),
+            retry_after,
+        }
     }
 }
 
@@ -229,12 +246,18 @@ impl Worker for AgentWorker {
     fn attempt(&mut self) -> impl Future<Output = Outcome> + Send {
         let agent = self.agent.clone();
         async move {
-            let r = crate::sync::sync_once(&agent, &|_, _| {}).await;
+            let r = crate::sync::sync_feed_and_events(&agent, &|_, _| {}).await;
             let synced = match r {
-                Ok(s) => s,
+                // Notices left in the outbox: retry soon (after the server's Retry-After
+                // if it shed the upload), not at the next poll.
+                Ok(crate::sync::Synced {
+                    events_error: Some(e),
+                    ..
+                }) => return Outcome::events_not_sent(&e),
+                Ok(s) => s.response,
                 Err(AgentError::NotEnrolled(msg)) => return Outcome::Revoked(msg),
                 Err(AgentError::Net(NetError::Revoked(msg))) => return Outcome::Revoked(msg),
-                Err(e) => return failed(&e),
+                Err(e) => return Outcome::failed(&e),
             };
             // A renewal that fails keeps the old identity and is retried with the backoff.
             let renewed = match crate::sync::device_client(&agent) {
@@ -245,9 +268,11 @@ impl Worker for AgentWorker {
                 Ok(_) => Outcome::Synced(synced),
                 Err(AgentError::Net(NetError::Revoked(msg))) => {
                     let _ = agent.shred();
-                    Outcome::Revoked(msg)
+                    Outcome::Revoked(format!(
+                        "this device was revoked ({msg}); its data has been shredded"
+                    ))
                 }
-                Err(e) => failed(&AgentError::Net(NetError::Protocol(format!(
+                Err(e) => Outcome::failed(&AgentError::Net(NetError::Protocol(format!(
                     "client certificate renewal failed: {e}"
                 )))),
             }

@@ -87,6 +87,26 @@ pub async fn sync_once(
     agent: &Agent,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<SyncResponse, AgentError> {
+    sync_feed_and_events(agent, progress)
+        .await
+        .map(|s| s.response)
+}
+
+/// A sync whose feed is in, and what became of the pending access events.
+#[derive(Debug)]
+pub struct Synced {
+    pub response: SyncResponse,
+    /// Why pending events were not all sent (they stay in the outbox). The background loop
+    /// retries soon — after the server's `Retry-After` when it shed the upload — rather than
+    /// leaving notices waiting for the next poll.
+    pub events_error: Option<AgentError>,
+}
+
+/// [`sync_once`], also telling why pending access events could not be sent.
+pub async fn sync_feed_and_events(
+    agent: &Agent,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<Synced, AgentError> {
     let result = async {
         let client = device_client(agent)?;
         let first = run(agent, &client, progress).await;
@@ -109,6 +129,17 @@ pub async fn sync_once(
         .map(|r| (r, client))
     }
     .await;
+    // Revoked while sending events: revoked all the same.
+    let result = match result {
+        Ok((
+            Synced {
+                events_error: Some(AgentError::Net(NetError::Revoked(msg))),
+                ..
+            },
+            _,
+        )) => Err(AgentError::Net(NetError::Revoked(msg))),
+        other => other,
+    };
     let result = match result {
         Err(AgentError::Net(NetError::Revoked(msg))) => {
             agent.shred()?;
@@ -132,7 +163,7 @@ async fn run(
     agent: &Agent,
     client: &DeviceClient,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
-) -> Result<SyncResponse, AgentError> {
+) -> Result<Synced, AgentError> {
     let cp = agent.accept_checkpoint(&client.checkpoint().await?)?;
     let (mut plan, mut action) = SyncPlan::new(agent.position()?.data, cp.checkpoint());
     let mut what = "up_to_date";
@@ -193,20 +224,23 @@ async fn run(
     }
     // The feed is in; events failing to go is not a failed sync of the data (they stay in
     // the outbox, and `status` and lookups warn about a backlog).
-    let events_sent = match upload_events(agent, client).await {
-        Ok(n) => n,
+    let (events_sent, events_error) = match upload_events(agent, client).await {
+        Ok(n) => (n, None),
         Err(e) => {
             tracing::warn!("access events not sent this time: {e}");
-            0
+            (0, Some(e))
         }
     };
     let st = agent.state()?;
-    Ok(SyncResponse {
-        action: what.into(),
-        epoch: st.data.map(|d| d.0),
-        version: st.data.map(|d| d.1),
-        data_as_of: st.data_as_of,
-        events_sent,
+    Ok(Synced {
+        response: SyncResponse {
+            action: what.into(),
+            epoch: st.data.map(|d| d.0),
+            version: st.data.map(|d| d.1),
+            data_as_of: st.data_as_of,
+            events_sent,
+        },
+        events_error,
     })
 }
 

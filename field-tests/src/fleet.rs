@@ -9,10 +9,9 @@
 //! a test), plus counting: each attempt's outcome is classified (synced, shed with `429` or
 //! `503`, shed without `Retry-After`, unreachable, revoked, anything else), and an attempt
 //! that starts before a `Retry-After` the server gave the same tablet has elapsed is counted
-//! as a violation. One addition to the agent's behaviour: a sync whose access-event upload
-//! was shed succeeds in the agent (the feed is in; the events wait in the outbox for the next
-//! trigger); the fleet then uploads them at once and, if that is shed too, reports the
-//! attempt as failed with the server's `Retry-After`, so the loop retries after it.
+//! as a violation. A sync whose access-event upload was shed ends as the agent's own loop
+//! ends it ([`Outcome::events_not_sent`]): a failed attempt with the server's `Retry-After`,
+//! so the notices go out after it rather than at the next poll.
 //!
 //! Many agents in one process need many file descriptors (each agent holds two SQLite
 //! databases in WAL mode, each sync a TLS connection): [`raise_fd_limit`] lifts the soft
@@ -532,14 +531,7 @@ impl Worker for FleetWorker {
             if not_before.is_some_and(|t| Instant::now() < t) {
                 Stats::add(&stats.retry_after_early);
             }
-            let failed = |e: &AgentError| Outcome::Failed {
-                error: e.to_string(),
-                retry_after: match e {
-                    AgentError::Net(n) => n.retry_after(),
-                    _ => None,
-                },
-            };
-            let synced = match cpis_agent::sync::sync_once(&agent, &|_, _| {}).await {
+            let synced = match cpis_agent::sync::sync_feed_and_events(&agent, &|_, _| {}).await {
                 Ok(s) => s,
                 Err(AgentError::NotEnrolled(msg) | AgentError::Net(NetError::Revoked(msg))) => {
                     Stats::add(&stats.revoked);
@@ -555,29 +547,24 @@ impl Worker for FleetWorker {
                         }
                         _ => stats.other(e.to_string()),
                     }
-                    return failed(&e);
+                    return Outcome::failed(&e);
                 }
             };
-            if let Some(v) = synced.version {
+            if let Some(v) = synced.response.version {
                 progress.version.fetch_max(v, Ordering::Relaxed);
             }
-            // The sync is in; access events whose upload was shed are still in the outbox.
-            if agent.outbox_counts().map(|(p, _)| p > 0).unwrap_or(false) {
+            // The feed is in but access events were not all sent: the agent reports a failed
+            // attempt (with the server's Retry-After when it shed the upload).
+            if let Some(e) = &synced.events_error {
                 Stats::add(&stats.events_left);
-                let sent = match cpis_agent::sync::device_client(&agent) {
-                    Ok(client) => cpis_agent::sync::upload_events(&agent, &client).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = sent {
-                    match is_shed(&e) {
-                        Some((status, wait)) => Self::shed(&stats, &progress, status, wait),
-                        None => stats.other(format!("uploading events: {e}")),
-                    }
-                    return failed(&e);
+                match is_shed(e) {
+                    Some((status, wait)) => Self::shed(&stats, &progress, status, wait),
+                    None => stats.other(format!("uploading events: {e}")),
                 }
+                return Outcome::events_not_sent(e);
             }
             Stats::add(&stats.synced);
-            Outcome::Synced(synced)
+            Outcome::Synced(synced.response)
         }
     }
 

@@ -396,6 +396,51 @@ async fn a_rejected_event_is_set_aside_and_the_queue_drains() {
     assert_eq!(agent.outbox_counts().unwrap(), (1, 1));
 }
 
+/// The server sheds the access-event upload of a sync whose feed went through (here with
+/// `429` from the per-device rate limit): the loop's attempt counts as failed with the
+/// server's `Retry-After`, so the notice goes out after it rather than at the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_event_upload_is_retried_after_its_retry_after() {
+    use cpis_agent::background::{AgentWorker, Outcome, Worker as _};
+    // A first sync makes 4 device requests (checkpoint, snapshot meta, snapshot body,
+    // report); the attempt's checkpoint is the 5th and its event upload the 6th.
+    let env = Env::start_with(Utc::now(), |c| {
+        c.load_shedding.device_requests_per_minute = 1;
+        c.load_shedding.device_burst = 5;
+    })
+    .await;
+    env.upload(LEICS, &[(nhs(0), "CPP", "2026-01-10", "")])
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Arc::new(enrol_via(&env, &env.base, dir.path(), Arc::new(SystemClock)).await);
+    let first = cpis_agent::sync::sync_once(&agent, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(first.action, "snapshot");
+    agent
+        .lookup(LookupInput {
+            nhs_number: &nhs(0).to_string(),
+            staff_id: Some("P1".into()),
+            incident_ref: None,
+        })
+        .unwrap();
+    let outcome = AgentWorker::new(agent.clone()).attempt().await;
+    match outcome {
+        Outcome::Failed { error, retry_after } => {
+            assert!(
+                error.contains("data synced; access events not sent"),
+                "{error}"
+            );
+            let wait = retry_after.expect("the server's Retry-After");
+            assert!(wait >= Duration::from_secs(30), "{wait:?}");
+        }
+        other => panic!("expected a failed attempt with Retry-After, got {other:?}"),
+    }
+    // Nothing lost: the notice waits in the outbox; the data is in.
+    assert_eq!(agent.outbox_counts().unwrap(), (1, 0));
+    assert_eq!(agent.status().unwrap().version, first.version);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recent_contacts_from_another_tablet_are_shown_offline() {
     let env = Env::start(Utc::now()).await;

@@ -67,13 +67,19 @@ impl Env {
     /// A running server with trust ZA1, region EM and councils LEICS and NOTTS; its clock
     /// starts at `now`.
     pub(crate) async fn start(now: DateTime<Utc>) -> Env {
+        Self::start_with(now, |_| {}).await
+    }
+
+    /// [`Env::start`] with the server's configuration changed by `configure`.
+    pub(crate) async fn start_with(now: DateTime<Utc>, configure: impl FnOnce(&mut Config)) -> Env {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = TempDir::new().unwrap();
         server::init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
-        let config = Config {
+        let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
+        configure(&mut config);
         let clock = ManualClock::new(now);
         let handle = Server::bind(dir.path(), config, Arc::new(clock.clone()))
             .await
