@@ -8,7 +8,7 @@
 //! Server-rendered HTML (see [`render`]), no script, no external asset. Every request must
 //! name a loopback host ([`host_check`]); every POST must come from this page (`Sec-Fetch-Site`,
 //! `Origin`, CSRF token: [`guard`]); every page carries a strict Content-Security-Policy,
-//! `nosniff`, `no-referrer` and `no-store` (pages hold personal data). The NHS number only
+//! `nosniff`, `Referrer-Policy: same-origin` and `no-store` (pages hold personal data). The NHS number only
 //! travels in a POST body, never in a URL.
 
 mod guard;
@@ -61,7 +61,10 @@ pub(crate) async fn page_headers(mut resp: Response) -> Response {
     let h = resp.headers_mut();
     set(h, header::CONTENT_SECURITY_POLICY, CSP);
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    // `same-origin`, not `no-referrer`: under `no-referrer` Chromium sends `Origin: null` on
+    // the page's own form posts, which the same-origin check must refuse. Other sites still get
+    // no referrer.
+    set(h, header::REFERRER_POLICY, "same-origin");
     set(h, header::CACHE_CONTROL, "no-store");
     set(h, header::X_FRAME_OPTIONS, "DENY");
     resp

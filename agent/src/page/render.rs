@@ -177,7 +177,7 @@ pub(crate) fn page(v: &View) -> String {
     let mut h = Html::default();
     h.raw("<!DOCTYPE html>\n<html lang=\"en-GB\">\n<head>\n<meta charset=\"utf-8\">\n")
         .raw("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n")
-        .raw("<meta name=\"referrer\" content=\"no-referrer\">\n<title>");
+        .raw("<meta name=\"referrer\" content=\"same-origin\">\n<title>");
     if v.problem.is_some() {
         h.raw("Problem – ");
     }
@@ -350,7 +350,7 @@ fn staff_form(h: &mut Html, v: &View) {
 
 fn lookup_form(h: &mut Html, v: &View) {
     let invalid = matches!(v.shown, Some(Shown::Invalid(_)));
-    h.raw("<form id=\"lookup\" class=\"ask\" method=\"post\" action=\"/lookup\">");
+    h.raw("<form id=\"lookup\" class=\"ask\" method=\"post\" action=\"/lookup#result\">");
     csrf(h, v);
     h.raw("<div class=\"fields\"><div class=\"field main\">")
         .raw("<label for=\"nhs-number\">NHS number</label>")

@@ -296,7 +296,7 @@ fn assert_page_headers(a: &Answer) {
     let h = &a.headers;
     assert_eq!(h["content-security-policy"], CSP);
     assert_eq!(h["x-content-type-options"], "nosniff");
-    assert_eq!(h["referrer-policy"], "no-referrer");
+    assert_eq!(h["referrer-policy"], "same-origin");
     assert_eq!(h["cache-control"], "no-store");
     assert!(
         h["content-type"].to_str().unwrap().starts_with("text/html"),
@@ -408,8 +408,9 @@ async fn staff_id_once_per_shift_then_a_flagged_child_with_plans_council_phone_a
     );
     assert!(a.body.contains(">End shift</button>"));
     assert!(
-        a.body
-            .contains("<form id=\"lookup\" class=\"ask\" method=\"post\" action=\"/lookup\">")
+        a.body.contains(
+            "<form id=\"lookup\" class=\"ask\" method=\"post\" action=\"/lookup#result\">"
+        )
     );
     assert!(a.body.contains(
         "<input id=\"nhs-number\" name=\"nhs_number\" type=\"text\" inputmode=\"numeric\" autocomplete=\"off\" spellcheck=\"false\" autofocus"

@@ -2,7 +2,7 @@
 //! (`/council`, signed in with the council's token) and the trust fleet (`/fleet`, signed in
 //! with a trust admin token). Plain HTML built from escaped strings, inline CSS, no scripts.
 //!
-//! Every response carries a strict Content-Security-Policy, `nosniff`, `no-referrer` and
+//! Every response carries a strict Content-Security-Policy, `nosniff`, `Referrer-Policy: same-origin` and
 //! `Cache-Control: no-store` (the pages hold personal data). Every POST is refused when it
 //! comes from another site (`Sec-Fetch-Site` cross-site/same-site, or an `Origin` that is not
 //! this host) or lacks the session's CSRF token (sign-in: the double-submit cookie's).
@@ -98,9 +98,12 @@ async fn security_headers(mut response: Response) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // `same-origin`, not `no-referrer`: under `no-referrer` Chromium sends `Origin: null` on
+    // the page's own form posts, which the same-origin check must refuse. Other sites still
+    // get no referrer.
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));

@@ -77,7 +77,7 @@ impl Page {
     fn assert_security_headers(&self) {
         assert_eq!(self.header("content-security-policy"), CSP);
         assert_eq!(self.header("x-content-type-options"), "nosniff");
-        assert_eq!(self.header("referrer-policy"), "no-referrer");
+        assert_eq!(self.header("referrer-policy"), "same-origin");
         assert_eq!(self.header("cache-control"), "no-store");
     }
 }
