@@ -100,18 +100,19 @@ async fn flow(world: &World, b: &mut Browser) -> anyhow::Result<()> {
     ensure!(b.exists("a#export").await?, "no a#export");
     b.audit("inbox").await?;
     b.screenshot("inbox").await?;
-    // Reported, not asserted: the paramedic page is the one held to 200% zoom here.
+    // The page itself never scrolls sideways (a wide table scrolls inside its own box).
     for l in b.layouts("inbox").await? {
         eprintln!(
-            "[council] inbox at {}: scrollWidth {}, clientWidth {}{}",
+            "[council] inbox at {}: scrollWidth {}, clientWidth {}",
+            l.label, l.scroll_width, l.client_width
+        );
+        ensure!(
+            l.scroll_width <= l.client_width,
+            "inbox at {}: horizontal scroll (scrollWidth {} > clientWidth {}); see {}",
             l.label,
             l.scroll_width,
             l.client_width,
-            if l.scroll_width > l.client_width {
-                " (scrolls sideways)"
-            } else {
-                ""
-            }
+            l.screenshot.display()
         );
     }
 

@@ -54,18 +54,19 @@ async fn flow(world: &World, b: &mut Browser) -> anyhow::Result<()> {
     eprintln!("[fleet] device row: {}", text.replace('\n', " | "));
     b.audit("devices").await?;
     b.screenshot("devices").await?;
-    // Reported, not asserted: the paramedic page is the one held to 200% zoom here.
+    // The page itself never scrolls sideways (a wide table scrolls inside its own box).
     for l in b.layouts("devices").await? {
         eprintln!(
-            "[fleet] devices at {}: scrollWidth {}, clientWidth {}{}",
+            "[fleet] devices at {}: scrollWidth {}, clientWidth {}",
+            l.label, l.scroll_width, l.client_width
+        );
+        ensure!(
+            l.scroll_width <= l.client_width,
+            "devices at {}: horizontal scroll (scrollWidth {} > clientWidth {}); see {}",
             l.label,
             l.scroll_width,
             l.client_width,
-            if l.scroll_width > l.client_width {
-                " (scrolls sideways)"
-            } else {
-                ""
-            }
+            l.screenshot.display()
         );
     }
 

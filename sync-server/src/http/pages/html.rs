@@ -118,7 +118,7 @@ header.top button{background:#fff;color:#003087;border-color:#fff;padding:.25rem
 .alert p{margin:0;color:#0b0c0c}
 .done{border:4px solid #00703c;color:#00703c;padding:.5rem 1rem;margin:1rem 0;display:flex;gap:.75rem;align-items:flex-start}
 .done p{margin:0;color:#0b0c0c}
-.table-wrap{overflow-x:auto}
+.table-wrap{overflow-x:auto;position:relative}
 table{border-collapse:collapse;width:100%;margin:.5rem 0 1rem}
 caption{text-align:left;font-weight:700;padding:.25rem 0}
 th,td{border-bottom:1px solid #b1b4b6;padding:.5rem;text-align:left;vertical-align:top}
