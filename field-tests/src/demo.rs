@@ -291,10 +291,20 @@ pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
     // 7. Enrolment token.
     let t = Instant::now();
     let enrolment_token = enrolment_token(&admin, &region.trust, &region.id).await?;
+    // And trust IT's sign-in for the fleet page.
+    let fleet_token = admin
+        .run(&["trust", "token", "--trust", region.trust.as_str()])
+        .await?
+        .trim()
+        .to_owned();
+    let fleet_token_path = tokens_dir.join(format!("{}.fleet.token", region.trust));
+    std::fs::write(&fleet_token_path, &fleet_token)
+        .with_context(|| format!("writing {}", fleet_token_path.display()))?;
     steps.step(format!(
-        "Enrolment token for one tablet of trust {} in region {} (valid 24 h) in {}",
+        "Enrolment token for one tablet of trust {} in region {} (valid 24 h), and the trust's fleet-page token in {}, in {}",
         region.trust,
         region.id,
+        fleet_token_path.display(),
         secs(t.elapsed())
     ));
 
@@ -564,6 +574,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
         &base,
         &ca_path,
         mailbox_council,
+        &fleet_token_path,
         &flagged_nhs,
         &dir,
         &https,
@@ -1227,6 +1238,7 @@ async fn print_try_it(
     base: &str,
     ca: &Path,
     council: Option<&CouncilAuth>,
+    fleet_token: &Path,
     flagged: &NhsNumber,
     dir: &Path,
     https: &reqwest::Client,
@@ -1249,15 +1261,32 @@ async fn print_try_it(
             mailbox::notifications_path(c.code.as_str())
         );
     }
-    let agent_page = has_page(&local.http, &local.base).await;
-    let server_page = has_page(https, base).await;
-    for (what, url, page) in [
-        ("agent", &local.base, agent_page),
-        ("server", &base.to_owned(), server_page),
-    ] {
-        if page {
-            println!("  Pages: the {what} serves {url}/ in a browser");
-        }
+    // The pages, each listed only when it answers.
+    println!("In a browser:");
+    if has_page(&local.http, &format!("{}/", local.base)).await {
+        println!(
+            "  Paramedic page: {}/ (staff id once per shift, then an NHS number, e.g. {})",
+            local.base,
+            flagged.spaced()
+        );
+    }
+    let trust_ca = format!(
+        "the server's certificate is from the demo's own CA: accept it, or trust {}",
+        ca.display()
+    );
+    if let Some(c) = council
+        && has_page(https, &format!("{base}/council")).await
+    {
+        println!(
+            "  Council inbox: {base}/council (sign in with the token in {}; {trust_ca})",
+            c.token_path.display()
+        );
+    }
+    if has_page(https, &format!("{base}/fleet")).await {
+        println!(
+            "  Trust fleet: {base}/fleet (sign in with the token in {})",
+            fleet_token.display()
+        );
     }
     println!(
         "  Logs: {}, {}; fixtures, tokens, server data and tablet state under {}",
@@ -1267,9 +1296,9 @@ async fn print_try_it(
     );
 }
 
-/// Whether `GET {base}/` answers an HTML page.
-async fn has_page(http: &reqwest::Client, base: &str) -> bool {
-    match http.get(format!("{base}/")).send().await {
+/// Whether `GET url` answers an HTML page.
+async fn has_page(http: &reqwest::Client, url: &str) -> bool {
+    match http.get(url).send().await {
         Ok(r) => {
             r.status().is_success()
                 && r.headers()

@@ -89,6 +89,22 @@ async fn demo_walks_through_every_step_and_stops_cleanly() {
     );
     assert!(line("Council mailbox").contains(": 1 notice"));
 
+    // The three pages answered and are listed, with where to sign in.
+    assert!(line("Paramedic page: http://127.0.0.1:").contains("staff id once per shift"));
+    assert!(line("Council inbox: https://").contains(".token"));
+    let fleet = line("Trust fleet: https://");
+    let token = fleet
+        .split("the token in ")
+        .nth(1)
+        .and_then(|t| t.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no token file in {fleet:?}"));
+    assert!(
+        std::fs::read_to_string(token)
+            .unwrap()
+            .starts_with("cpis_at_"),
+        "{token}"
+    );
+
     // Stopped cleanly, files kept.
     let stopped = line("Stopped in ");
     assert!(
