@@ -571,13 +571,15 @@ pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
         .or(councils.first());
     print_try_it(
         &local,
-        &base,
-        &ca_path,
+        ServerAccess {
+            base: &base,
+            ca: &ca_path,
+            https: &https,
+        },
         mailbox_council,
         &fleet_token_path,
         &flagged_nhs,
         &dir,
-        &https,
     )
     .await;
 
@@ -1233,16 +1235,22 @@ fn background_line(s: &StatusResponse) -> String {
     line
 }
 
+/// The server as the demo's own clients reach it.
+struct ServerAccess<'a> {
+    base: &'a str,
+    ca: &'a Path,
+    https: &'a reqwest::Client,
+}
+
 async fn print_try_it(
     local: &LocalApi,
-    base: &str,
-    ca: &Path,
+    server: ServerAccess<'_>,
     council: Option<&CouncilAuth>,
     fleet_token: &Path,
     flagged: &NhsNumber,
     dir: &Path,
-    https: &reqwest::Client,
 ) {
+    let ServerAccess { base, ca, https } = server;
     println!();
     println!("Try it yourself (server, proxy and agent stay up until Ctrl-C):");
     println!(
