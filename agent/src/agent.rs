@@ -39,8 +39,17 @@ pub enum AgentError {
     AlreadyEnrolled(String),
     #[error(transparent)]
     InvalidNhsNumber(#[from] NhsNumberError),
+    // Not `#[from]`: that would also make the `VerifyError` the source, and error chains
+    // (`{:#}`) would print its message twice.
     #[error("rejected: {0}")]
-    Verify(#[from] VerifyError),
+    Verify(VerifyError),
+    /// A checkpoint refused as expired while the tablet clock is well ahead of the server's
+    /// time (the likely cause).
+    #[error(
+        "rejected: {error}: the tablet clock looks {ahead} ahead of the server's time; \
+         check the tablet's date and time"
+    )]
+    ClockAhead { error: VerifyError, ahead: String },
     #[error(transparent)]
     Store(StoreError),
     #[error(transparent)]
@@ -53,6 +62,12 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+}
+
+impl From<VerifyError> for AgentError {
+    fn from(e: VerifyError) -> Self {
+        AgentError::Verify(e)
+    }
 }
 
 impl From<KeyError> for AgentError {
@@ -407,8 +422,15 @@ impl Agent {
         let now = self.clock.now();
         st.verified_local = Some(now);
         st.verified_boot = self.clock.boot();
-        // A fresh verification starts a fresh clock high-water mark.
-        lock(&self.outbox).set_high_water(&self.keys, now)?;
+        // A fresh verification starts a fresh clock high-water mark, at the best estimate of
+        // the true time (here the wall clock, the reference of this verification).
+        let estimate = crate::freshness::true_now(
+            st.verified_local,
+            st.verified_boot.as_ref(),
+            now,
+            st.verified_boot.as_ref(),
+        );
+        lock(&self.outbox).set_high_water(&self.keys, estimate)?;
         Ok(())
     }
 

@@ -18,11 +18,15 @@ use cpis_protocol::{
 };
 
 use crate::agent::{Agent, AgentError, lock};
-use crate::freshness::{Readings, Verified, judge};
+use crate::freshness::{Readings, Verified, clock_offset, judge, true_now};
 use crate::store::DataState;
 
 /// Outbox size above which every answer warns that events are not getting through.
 pub const OUTBOX_BACKLOG_WARNING: u64 = 100;
+
+/// How far (seconds) the tablet clock may be from the best estimate of the true time before
+/// answers warn `clock_ahead` or `clock_behind`.
+const CLOCK_WARNING_SECS: i64 = 600;
 
 /// A lookup as asked.
 #[derive(Debug, Clone, Default)]
@@ -40,7 +44,8 @@ fn warn(code: &str, message: String) -> Warning {
     }
 }
 
-fn human_age(secs: u64) -> String {
+/// An age in words: minutes, hours or days.
+pub(crate) fn human_age(secs: u64) -> String {
     if secs < 2 * 3600 {
         format!("{} minutes", secs / 60)
     } else if secs < 3 * 86400 {
@@ -58,6 +63,25 @@ fn assess(
     high_water: Option<DateTime<Utc>>,
 ) -> (Freshness, Option<u64>, Vec<Warning>) {
     let mut warnings = Vec::new();
+    // How far the wall clock is from the true time (known only when the boot clock measured
+    // the time since the last verification).
+    let offset = clock_offset(
+        st.data_as_of,
+        st.verified_local,
+        st.verified_boot.as_ref(),
+        now,
+        boot,
+    )
+    .map_or(0, |d| d.num_seconds());
+    let clock_ahead = (offset > CLOCK_WARNING_SECS).then(|| {
+        warn(
+            "clock_ahead",
+            format!(
+                "The tablet clock is {} ahead; check the tablet's date and time.",
+                human_age(offset.unsigned_abs())
+            ),
+        )
+    });
     let (Some(as_of), Some(_)) = (st.data_as_of, st.data) else {
         warnings.push(warn(
             "no_data",
@@ -65,6 +89,7 @@ fn assess(
              Sync when a connection is available."
                 .into(),
         ));
+        warnings.extend(clock_ahead);
         return (Freshness::Expired, None, warnings);
     };
     let v = Verified {
@@ -98,13 +123,14 @@ fn assess(
             ),
         )),
     }
-    if now + chrono::Duration::minutes(10) < as_of {
+    if now + chrono::Duration::seconds(CLOCK_WARNING_SECS) < as_of || offset < -CLOCK_WARNING_SECS {
         warnings.push(warn(
             "clock_behind",
             "The tablet clock is behind the server's time; check the tablet's date and time."
                 .into(),
         ));
     }
+    warnings.extend(clock_ahead);
     (freshness, Some(age), warnings)
 }
 
@@ -246,7 +272,15 @@ impl Agent {
             setting: CareSetting::Ambulance,
             incident_ref: input.incident_ref,
         };
-        let hw = high_water.map_or(now, |h| h.max(now));
+        // The high-water mark records the best estimate of the true time, not a wall clock
+        // that may have been moved within this boot.
+        let estimate = true_now(
+            st.verified_local,
+            st.verified_boot.as_ref(),
+            now,
+            boot.as_ref(),
+        );
+        let hw = high_water.map_or(estimate, |h| h.max(estimate));
         outbox.append(&self.keys, &event, hw)?;
         let pending = outbox.pending_count()?;
         let aside = outbox.set_aside_count()?;

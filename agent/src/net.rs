@@ -51,10 +51,17 @@ pub enum NetError {
     },
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
+    // Not `#[from]`, which would also make it the source: `{:#}` would print it twice.
     #[error("rejected: {0}")]
-    Verify(#[from] VerifyError),
+    Verify(VerifyError),
     #[error(transparent)]
     Download(#[from] DownloadError),
+}
+
+impl From<VerifyError> for NetError {
+    fn from(e: VerifyError) -> Self {
+        NetError::Verify(e)
+    }
 }
 
 impl NetError {

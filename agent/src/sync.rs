@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cpis_protocol::ingest::MAX_BATCH_EVENTS;
 use cpis_protocol::local::SyncResponse;
-use cpis_protocol::{DeltaMeta, EventBatch, VerifyError};
+use cpis_protocol::{Checkpoint, DeltaMeta, EventBatch, VerifyError};
 
 use crate::agent::{Agent, AgentError, Enrolment, TlsMaterial, lock};
 use crate::clock::Clock;
@@ -78,8 +78,28 @@ fn is_bad_signature(e: &AgentError) -> bool {
     )
 }
 
+/// Whether pending access events are still worth sending over the same connection after the
+/// feed failed with `e`. Notices do not wait on trust in the feed (the server is
+/// authenticated by TLS, and events are idempotent by event id) — except when the device was
+/// revoked, when the server could not be reached or authenticated at all, or when it shed
+/// the request (its `Retry-After` is to be honoured).
+fn events_worth_sending(e: &AgentError, server_answered: bool) -> bool {
+    match e {
+        AgentError::Net(NetError::Revoked(_)) | AgentError::NotEnrolled(_) => false,
+        AgentError::Net(NetError::Server {
+            status: 429 | 503, ..
+        }) => false,
+        AgentError::Net(n) if n.retry_after().is_some() => false,
+        AgentError::Net(NetError::Unreachable { .. } | NetError::Tls { .. }) => server_answered,
+        _ => true,
+    }
+}
+
 /// One sync: checkpoint, then deltas or a snapshot as planned, then pending events, then a
-/// device report (whose failure never fails the sync). A revoked device shreds its state
+/// device report (whose failure never fails the sync). When the feed part fails after the
+/// server answered (a checkpoint refused as expired, a bad signature, a connection cut
+/// mid-transfer…), pending access events are still sent over the same connection before the
+/// feed's error is returned (see `events_worth_sending`). A revoked device shreds its state
 /// directory. When the feed fails with a bad signature under the pinned key, the key chain
 /// is fetched and followed from the pinned key; if it leads to a new key, that key is
 /// pinned and the sync retried once.
@@ -109,13 +129,14 @@ pub async fn sync_feed_and_events(
 ) -> Result<Synced, AgentError> {
     let result = async {
         let client = device_client(agent)?;
-        let first = run(agent, &client, progress).await;
-        match first {
+        let mut answered = false;
+        let first = run(agent, &client, progress, &mut answered).await;
+        let outcome = match first {
             Err(e) if is_bad_signature(&e) => {
                 match crate::lifecycle::follow_key_rollover(agent, &client).await {
                     Ok(Some(key)) => {
                         tracing::warn!(%key, "feed signing key rolled over; pinned the new key");
-                        run(agent, &client, progress).await
+                        run(agent, &client, progress, &mut answered).await
                     }
                     Ok(None) => Err(e),
                     Err(chain) => {
@@ -125,8 +146,23 @@ pub async fn sync_feed_and_events(
                 }
             }
             other => other,
+        };
+        if let Err(feed) = &outcome
+            && events_worth_sending(feed, answered)
+        {
+            match upload_events(agent, &client).await {
+                Ok(n) => {
+                    tracing::warn!("the feed failed ({feed}); {n} access events sent all the same")
+                }
+                Err(AgentError::Net(NetError::Revoked(msg))) => {
+                    return Err(AgentError::Net(NetError::Revoked(msg)));
+                }
+                Err(e) => {
+                    tracing::warn!("the feed failed ({feed}); access events not sent either: {e}")
+                }
+            }
         }
-        .map(|r| (r, client))
+        outcome.map(|r| (r, client))
     }
     .await;
     // Revoked while sending events: revoked all the same.
@@ -159,12 +195,44 @@ pub async fn sync_feed_and_events(
     result
 }
 
+/// An expired checkpoint, explained by the tablet clock when it is well ahead of the
+/// checkpoint's server time (the likely cause: the server signs a checkpoint for every poll).
+fn expired_checkpoint(
+    agent: &Agent,
+    signed: &cpis_protocol::SignedMessage,
+    error: VerifyError,
+) -> AgentError {
+    let now = agent.clock.now();
+    let Ok(cp) = signed.open::<Checkpoint>(agent.pinned_key().verifying_key()) else {
+        return AgentError::Verify(error);
+    };
+    let ahead = (now - cp.server_time).num_seconds();
+    if now >= cp.expires_at && ahead > 600 {
+        AgentError::ClockAhead {
+            error,
+            ahead: crate::lookup::human_age(ahead.unsigned_abs()),
+        }
+    } else {
+        AgentError::Verify(error)
+    }
+}
+
+/// The feed part of a sync, then pending events. `answered` is set once the server has
+/// answered the checkpoint request.
 async fn run(
     agent: &Agent,
     client: &DeviceClient,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
+    answered: &mut bool,
 ) -> Result<Synced, AgentError> {
-    let cp = agent.accept_checkpoint(&client.checkpoint().await?)?;
+    let signed = client.checkpoint().await?;
+    *answered = true;
+    let cp = match agent.accept_checkpoint(&signed) {
+        Err(AgentError::Verify(e @ VerifyError::Expired { .. })) => {
+            return Err(expired_checkpoint(agent, &signed, e));
+        }
+        other => other?,
+    };
     let (mut plan, mut action) = SyncPlan::new(agent.position()?.data, cp.checkpoint());
     let mut what = "up_to_date";
     let vk = *agent.enrolment().signing_key.verifying_key();

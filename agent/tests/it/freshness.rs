@@ -1,5 +1,8 @@
 //! Freshness transitions under an injected clock, including the tablet clock moved
-//! backwards and forwards (DESIGN.md §2 rules 1–2).
+//! backwards and forwards (DESIGN.md §2 rules 1–2): within a boot the age is the real time
+//! since verification (the boot clock), whatever the wall clock says; after a reboot, or
+//! without a boot clock, the conservative rule (largest of the wall-clock ages and the
+//! high-water mark).
 
 use std::time::Duration as StdDuration;
 
@@ -93,16 +96,108 @@ fn clock_moved_backwards_does_not_refresh() {
     assert_eq!(c.miss().1, Freshness::Stale);
 }
 
+fn age(r: &cpis_protocol::local::LookupResponse) -> u64 {
+    r.data_age_secs.unwrap()
+}
+
+fn warned<'a>(r: &'a cpis_protocol::local::LookupResponse, code: &str) -> Option<&'a str> {
+    r.warnings
+        .iter()
+        .find(|w| w.code == code)
+        .map(|w| w.message.as_str())
+}
+
 #[test]
-fn clock_moved_forwards_then_back_stays_expired() {
+fn clock_30_days_ahead_in_the_same_boot_ages_by_real_time_and_does_not_wipe() {
     let c = case();
-    // The clock jumps 9 days ahead: data looks expired (never fresher).
+    let subjects = c.agent.status().unwrap().subjects;
+    c.clock.advance(HOUR * 2);
+    // The wall clock jumps 30 days ahead (past the wipe age by the wall clock): the boot
+    // clock knows two hours have passed. Fresh, two hours old, nothing wiped.
+    c.clock
+        .set_wall(t0() + Duration::days(30) + Duration::hours(2));
+    let r = c.look(&c.hit);
+    assert_eq!(
+        (r.result, r.freshness, age(&r)),
+        (LookupResult::Flagged, Freshness::Fresh, 2 * 3600)
+    );
+    assert_eq!(
+        warned(&r, "clock_ahead"),
+        Some("The tablet clock is 30 days ahead; check the tablet's date and time.")
+    );
+    assert!(warned(&r, "clock_behind").is_none());
+    assert_eq!(c.miss(), (LookupResult::NotFlagged, Freshness::Fresh));
+    let st = c.agent.status().unwrap();
+    assert_eq!((st.subjects, st.freshness), (subjects, Freshness::Fresh));
+    assert!(st.warnings.iter().any(|w| w.code == "clock_ahead"));
+    // A day of real time later: stale by real time (26 hours), not expired.
+    c.clock.advance(HOUR * 24);
+    let r = c.look(&c.miss);
+    assert_eq!(
+        (r.result, r.freshness, age(&r)),
+        (LookupResult::NotFlagged, Freshness::Stale, 26 * 3600)
+    );
+    // The clock set right again within the boot: the same, and no clock warning.
+    c.clock.set_wall(t0() + Duration::hours(26));
+    let r = c.look(&c.miss);
+    assert_eq!((r.freshness, age(&r)), (Freshness::Stale, 26 * 3600));
+    assert!(warned(&r, "clock_ahead").is_none() && warned(&r, "clock_behind").is_none());
+    // A reboot after that: the high-water mark holds the true time the lookups saw, not the
+    // jumped wall clock, so the data is 26 hours old, not 30 days (no wipe).
+    c.clock.reboot("boot-2");
+    let r = c.look(&c.hit);
+    assert_eq!(
+        (r.result, r.freshness, age(&r)),
+        (LookupResult::Flagged, Freshness::Stale, 26 * 3600)
+    );
+    assert_eq!(c.agent.status().unwrap().subjects, subjects);
+}
+
+#[test]
+fn clock_ahead_after_a_reboot_is_judged_conservatively() {
+    let c = case();
+    c.clock.advance(HOUR);
+    // Rebooted, and the clock 9 days ahead: no boot clock to compare, so the data counts
+    // as 9 days old (never fresher than the truth): expired, a miss unknown.
+    c.clock.reboot("boot-2");
     c.clock.set_wall(t0() + Duration::days(9));
+    let r = c.look(&c.miss);
+    assert_eq!(
+        (r.result, r.freshness, age(&r)),
+        (LookupResult::Unknown, Freshness::Expired, 9 * 86_400)
+    );
+    // Set back to the real time, still in that boot: what was seen stays seen.
+    c.clock.set_wall(t0() + Duration::hours(2));
     assert_eq!(c.miss(), (LookupResult::Unknown, Freshness::Expired));
-    // Set back to the real time: what was seen stays seen.
-    c.clock.set_wall(t0() + Duration::hours(1));
-    c.clock.without_boot_clock();
-    assert_eq!(c.miss(), (LookupResult::Unknown, Freshness::Expired));
+    // Past the wipe age after a reboot: the flags are shredded.
+    c.clock.reboot("boot-3");
+    c.clock.set_wall(t0() + Duration::days(31));
+    assert_eq!(c.look(&c.hit).result, LookupResult::Unknown);
+    assert_eq!(c.agent.status().unwrap().subjects, 0);
+}
+
+#[test]
+fn clock_2_days_back_in_the_same_boot_ages_by_real_time() {
+    let c = case();
+    // Just after verification, the clock set 2 days back: zero, never negative.
+    c.clock.set_wall(t0() - Duration::days(2));
+    let r = c.look(&c.miss);
+    assert_eq!((r.freshness, age(&r)), (Freshness::Fresh, 0));
+    assert!(warned(&r, "clock_behind").is_some());
+    // 30 real hours later: stale at exactly 30 hours, never fresher.
+    c.clock.advance(HOUR * 30);
+    let r = c.look(&c.miss);
+    assert_eq!(
+        (r.result, r.freshness, age(&r)),
+        (LookupResult::NotFlagged, Freshness::Stale, 30 * 3600)
+    );
+    assert!(warned(&r, "clock_behind").is_some());
+    assert!(warned(&r, "clock_ahead").is_none());
+    // A reboot with the clock still back: the high-water mark (the true time of the lookup
+    // above) keeps it stale at 30 hours.
+    c.clock.reboot("boot-2");
+    let r = c.look(&c.miss);
+    assert_eq!((r.freshness, age(&r)), (Freshness::Stale, 30 * 3600));
 }
 
 #[test]
