@@ -6,6 +6,7 @@ mod api;
 mod background;
 
 mod apply;
+mod clock_sync;
 mod common;
 mod crash;
 mod deps;
