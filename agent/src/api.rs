@@ -92,7 +92,9 @@ impl From<AgentError> for HttpError {
         let (status, code) = match &e {
             AgentError::InvalidNhsNumber(n) => (StatusCode::BAD_REQUEST, n.code()),
             AgentError::NotEnrolled(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_enrolled"),
-            AgentError::Verify(v) => (StatusCode::BAD_GATEWAY, v.code()),
+            AgentError::Verify(v) | AgentError::ClockAhead { error: v, .. } => {
+                (StatusCode::BAD_GATEWAY, v.code())
+            }
             AgentError::Net(_) => (StatusCode::BAD_GATEWAY, "sync_failed"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };

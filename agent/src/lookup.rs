@@ -55,6 +55,12 @@ pub(crate) fn human_age(secs: u64) -> String {
     }
 }
 
+/// A clock offset in words, to the nearest minute first (readings of two clocks a few
+/// milliseconds apart should not turn "30 days" into "29 days").
+pub(crate) fn human_offset(secs: u64) -> String {
+    human_age(secs.saturating_add(30) / 60 * 60)
+}
+
 /// Freshness, age and warnings about the data.
 fn assess(
     st: &DataState,
@@ -78,7 +84,7 @@ fn assess(
             "clock_ahead",
             format!(
                 "The tablet clock is {} ahead; check the tablet's date and time.",
-                human_age(offset.unsigned_abs())
+                human_offset(offset.unsigned_abs())
             ),
         )
     });

@@ -210,7 +210,7 @@ fn expired_checkpoint(
     if now >= cp.expires_at && ahead > 600 {
         AgentError::ClockAhead {
             error,
-            ahead: crate::lookup::human_age(ahead.unsigned_abs()),
+            ahead: crate::lookup::human_offset(ahead.unsigned_abs()),
         }
     } else {
         AgentError::Verify(error)

@@ -6,17 +6,20 @@
 //! reads: the agent's boot clock stays true, as it does when a user changes a tablet's date.
 //! `FAKETIME_DONT_FAKE_MONOTONIC=1` keeps the monotonic clock (tokio's timers) true as well.
 //!
-//! The freshness rule under test (DESIGN.md §2 rule 2, `agent/src/freshness.rs`): the age of
-//! the data is the largest of `now − as_of`, `now − verified_local`, `high_water −
-//! verified_local` and the boot clock's elapsed time in the same boot, never below zero. So a
-//! clock moved back cannot make the data fresher than real time allows, and a clock moved
-//! forward makes it look older (erring towards `expired` and, past the wipe age, towards the
-//! self-wipe of rule 6). The server's policy is made short (fresh 3 s, expiry 1 day; wipe
-//! 30 days as by default) so that real seconds matter. Each freshness assertion marked
-//! "[wall]" would fail if the agent judged age by its wall clock alone (`now − as_of`).
+//! The freshness rule under test (DESIGN.md §2 rule 2, `agent/src/freshness.rs`): within the
+//! boot of the last verification the age of the data is the boot clock's real elapsed time
+//! since it, plus how old the checkpoint was at verification by the tablet's clock (about
+//! zero here); the wall clock and the high-water mark are not used, so a clock moved either
+//! way changes nothing. After a reboot the rule is the conservative one: the largest of
+//! `now − as_of`, `now − verified_local` and `high_water − verified_local`, where the
+//! high-water mark holds the best estimate of the true time at each lookup (not a jumped wall
+//! clock). The server's policy is made short (fresh 3 s, expiry 1 day; wipe 30 days as by
+//! default) so that real seconds matter. Each freshness assertion marked "[wall]" would fail
+//! if the agent judged age by its wall clock (`now − as_of`, `now − verified_local`).
 //!
-//! Three scenarios: the clock 29 and 30 days ahead, then put right (`cpis-agent` commands
-//! with `FAKETIME`); 2 days back, a sync, the clock put right, and a staged reboot
+//! Three scenarios: the clock 30 days ahead (no wipe, real-time age, `clock_ahead`, the sync
+//! refused yet the notices delivered), then put right (`cpis-agent` commands with
+//! `FAKETIME`); 2 days back, a sync, the clock put right, and staged reboots
 //! (`scripts/as-rebooted.sh` under `unshare --mount`, when the machine allows it); and the
 //! clock moved back and forth under a running `cpis-agent run` (`FAKETIME_TIMESTAMP_FILE`,
 //! re-read at every call with `FAKETIME_NO_CACHE=1`).
@@ -126,8 +129,25 @@ async fn notices_for(field: &Field, events: &[EventId]) -> Vec<Notification> {
     out
 }
 
+/// Checks an age against the real seconds since the sync: at most those seconds (plus one for
+/// rounding), and a freshness that matches it under the short policy — never `expired`.
+/// [wall] — with the wall clock days away, an agent judging by it would be days out.
+fn by_real_time(answer_age: u64, freshness: Freshness, since_sync: Duration, what: &str) {
+    let real = since_sync.as_secs() + 1;
+    assert!(
+        answer_age <= real,
+        "{what}: age {answer_age} s, {real} s of real time since the sync"
+    );
+    let want = if answer_age <= FRESH_SECS {
+        Freshness::Fresh
+    } else {
+        Freshness::Stale
+    };
+    assert_eq!(freshness, want, "{what}: age {answer_age} s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clock_30_days_ahead_ages_the_data_and_never_refreshes_it() {
+async fn clock_30_days_ahead_ages_the_data_by_real_time() {
     let (mut field, tablet, flagged, nobody, mut notices) = setup("clock-ahead").await;
     let seed = field.seed;
     let started = Instant::now();
@@ -143,81 +163,109 @@ async fn clock_30_days_ahead_ages_the_data_and_never_refreshes_it() {
     assert_eq!(first.result, LookupResult::Flagged, "seed {seed}");
     assert_eq!(first.freshness, Freshness::Fresh, "seed {seed}");
 
-    // The server out of reach; the tablet clock 29 days ahead (just under the wipe age).
+    // The server out of reach; the tablet clock 30 days ahead (the wipe age by the wall
+    // clock). Same boot: the boot clock knows only seconds have passed — the data is judged
+    // by them, nothing is wiped, a miss is still `not_flagged`, and the answer warns about
+    // the clock. [wall]
     field.server.stop().await.unwrap();
-    let ahead29 = with_clock(&tablet, "+29d");
-    let a = ahead29.lookup_offline(&flagged[1]).await.unwrap();
+    let ahead30 = with_clock(&tablet, "+30d");
+    let a = ahead30.lookup_offline(&flagged[1]).await.unwrap();
     notices.record(&a);
-    // The data looks 29 days old: expired, never fresh. A match is still shown.
     assert_eq!(a.result, LookupResult::Flagged, "seed {seed}");
-    assert_eq!(a.freshness, Freshness::Expired, "seed {seed}");
-    assert!(has_warning(&a, "data_expired"), "{:?}", a.warnings);
     let age = a.data_age_secs.unwrap();
-    let real = synced_at.elapsed().as_secs() + 2;
-    assert!(
-        (29 * DAY..=29 * DAY + real).contains(&age),
-        "age {age} s under a clock 29 days ahead, {real} s after the sync (seed {seed})"
-    );
-    // The as-of date is the server's, not the tablet's clock.
+    by_real_time(age, a.freshness, synced_at.elapsed(), "+30 d");
     assert_eq!(a.data_as_of, Some(as_of), "seed {seed}");
-    let miss = ahead29.lookup_offline(&nobody).await.unwrap();
+    let ahead_warning = a
+        .warnings
+        .iter()
+        .find(|w| w.code == "clock_ahead")
+        .unwrap_or_else(|| panic!("no clock_ahead warning: {:?}", a.warnings));
+    assert!(
+        ahead_warning.message.contains("30 days ahead"),
+        "{ahead_warning:?}"
+    );
+    let miss = ahead30.lookup_offline(&nobody).await.unwrap();
     notices.record(&miss);
-    assert_eq!(miss.result, LookupResult::Unknown, "seed {seed}");
-    let st = ahead29.status().await.unwrap();
+    assert_eq!(miss.result, LookupResult::NotFlagged, "seed {seed}");
+    by_real_time(
+        miss.data_age_secs.unwrap(),
+        miss.freshness,
+        synced_at.elapsed(),
+        "+30 d miss",
+    );
+    let st = ahead30.status().await.unwrap();
     assert_eq!(
         (st.version, st.subjects),
         (version, subjects),
-        "under the wipe age nothing is wiped (seed {seed})"
+        "nothing wiped 30 days ahead in the same boot (seed {seed})"
     );
-
-    // The clock put back right: the furthest it has been since verification still counts
-    // (the high-water mark, persisted with each lookup). [wall]
-    let back = tablet.lookup_offline(&nobody).await.unwrap();
-    notices.record(&back);
-    assert_eq!(back.freshness, Freshness::Expired, "seed {seed}");
-    assert_eq!(back.result, LookupResult::Unknown, "seed {seed}");
-    assert!(back.data_age_secs.unwrap() >= 29 * DAY, "seed {seed}");
-    let st = tablet.status().await.unwrap();
-    assert_eq!(
-        (st.freshness, st.version),
-        (Freshness::Expired, version),
-        "seed {seed}"
-    );
-
-    // 30 days ahead: past the wipe age as the agent judges it (the largest plausible age),
-    // so the tablet shreds its flags by itself (rule 6) at the next lookup. A flagged
-    // number then answers `unknown` with no data; the outbox is kept.
-    if let Some(wait) = Duration::from_secs(2).checked_sub(synced_at.elapsed()) {
-        // Real time past the wipe age, not equal to it.
+    // Real seconds pass: stale by them (the age moves with real time, not stuck at zero).
+    if let Some(wait) = Duration::from_secs(FRESH_SECS + 1).checked_sub(synced_at.elapsed()) {
         tokio::time::sleep(wait).await;
     }
-    let ahead30 = with_clock(&tablet, "+30d");
-    let w = ahead30.lookup_offline(&flagged[2]).await.unwrap();
-    notices.record(&w);
-    assert_eq!(w.result, LookupResult::Unknown, "seed {seed}");
-    assert!(w.flags.is_empty() && w.data_as_of.is_none(), "seed {seed}");
-    assert!(has_warning(&w, "no_data"), "{:?}", w.warnings);
-    let st = tablet.status().await.unwrap();
-    assert_eq!(
-        (st.version, st.subjects),
-        (None, 0),
-        "the flags are shredded (seed {seed})"
+    let later = ahead30.lookup_offline(&flagged[2]).await.unwrap();
+    notices.record(&later);
+    let age_later = later.data_age_secs.unwrap();
+    assert_eq!(later.freshness, Freshness::Stale, "seed {seed}");
+    assert!(age_later > FRESH_SECS, "age {age_later} s (seed {seed})");
+    by_real_time(
+        age_later,
+        later.freshness,
+        synced_at.elapsed(),
+        "+30 d later",
     );
-    let lookups = notices.lookups as u64;
-    assert_eq!(st.outbox_pending, lookups, "seed {seed}");
 
-    // The server back, the clock still 30 days ahead: TLS is fine (the server certificate is
-    // valid for 10 years) but every checkpoint (valid 24 h) is expired by the tablet's clock,
-    // so the sync stops there, before sending events (freeze protection, rule 5).
+    // The clock put back right: the same real-time age, no clock warning. [wall]
+    let back = tablet.lookup_offline(&nobody).await.unwrap();
+    notices.record(&back);
+    assert_eq!(back.result, LookupResult::NotFlagged, "seed {seed}");
+    by_real_time(
+        back.data_age_secs.unwrap(),
+        back.freshness,
+        synced_at.elapsed(),
+        "clock right",
+    );
+    assert!(
+        !has_warning(&back, "clock_ahead") && !has_warning(&back, "clock_behind"),
+        "{:?}",
+        back.warnings
+    );
+
+    // The server back, the clock 30 days ahead again: TLS is fine (the server certificate
+    // is valid for 10 years) but the checkpoint (valid 24 h) is expired by the tablet's clock,
+    // so the feed is refused (freeze protection, rule 5), naming the clock as the likely
+    // cause. The access events still go, over the same connection.
     field.server.start().await.unwrap();
+    let lookups = notices.lookups as u64;
+    assert_eq!(
+        tablet.status().await.unwrap().outbox_pending,
+        lookups,
+        "seed {seed}"
+    );
+    let received_from = Utc::now() - chrono::Duration::seconds(1);
     let out = ahead30.try_sync().await.unwrap();
+    let received_to = Utc::now() + chrono::Duration::seconds(1);
     assert!(
         !out.success(),
         "a sync 30 days ahead succeeded (seed {seed})"
     );
     assert!(
-        out.stderr.contains("checkpoint expired at"),
+        out.stderr.contains("checkpoint expired at")
+            && out
+                .stderr
+                .contains("the tablet clock looks 30 days ahead of the server's time"),
         "sync 30 days ahead: {}",
+        out.stderr
+    );
+    let error_line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert_eq!(
+        error_line.matches("the checkpoint expired at").count(),
+        1,
+        "the error printed once: {}",
         out.stderr
     );
     eprintln!(
@@ -227,42 +275,27 @@ async fn clock_30_days_ahead_ages_the_data_and_never_refreshes_it() {
     );
     let st = tablet.status().await.unwrap();
     assert_eq!(
-        (st.version, st.outbox_pending),
-        (None, lookups),
-        "seed {seed}"
+        (st.version, st.subjects, st.outbox_pending),
+        (version, subjects, 0),
+        "feed refused, data kept, every event sent (seed {seed})"
     );
-
-    // The clock corrected: the sync takes a new snapshot, the data is fresh again and every
-    // event goes.
-    // (The server's times are stored to the millisecond: a second of slack.)
-    let received_from = Utc::now() - chrono::Duration::seconds(1);
-    let again = tablet.sync().await.unwrap();
-    let received_to = Utc::now() + chrono::Duration::seconds(1);
-    assert_eq!(again.action, "snapshot", "seed {seed}");
-    assert!(again.version >= Some(field.head), "seed {seed}");
-    assert_eq!(again.events_sent, lookups, "seed {seed}");
-    let fresh = tablet.lookup_offline(&flagged[2]).await.unwrap();
-    notices.record(&fresh);
-    assert_eq!(
-        (fresh.result, fresh.freshness),
-        (LookupResult::Flagged, Freshness::Fresh),
-        "seed {seed}"
-    );
-
-    // What the council sees: the lookup made 29 days ahead carries the tablet's claimed
-    // time, marked clock_suspect, with the server's receipt time beside it; the one made on
-    // a true clock is not suspect.
-    let seen = notices_for(&field, &[first.event_id, a.event_id]).await;
+    // At the councils already: every flagged lookup's notice, the ones made 30 days ahead
+    // carrying the tablet's claimed time, marked clock_suspect, with the server's receipt
+    // time beside it; the one made on a true clock is not suspect.
+    let flagged_events = [first.event_id, a.event_id, later.event_id];
+    let seen = notices_for(&field, &flagged_events).await;
+    let delivered_ahead = seen.len();
+    assert_eq!(delivered_ahead, notices.owed(), "{seen:?} (seed {seed})");
+    let within = |t: DateTime<Utc>| received_from <= t && t <= received_to;
     let ahead = seen.iter().find(|n| n.event_id == a.event_id).unwrap();
     let honest = seen.iter().find(|n| n.event_id == first.event_id).unwrap();
-    let within = |t: DateTime<Utc>| received_from <= t && t <= received_to;
     assert!(
         ahead.clock_suspect && within(ahead.received_at),
         "{ahead:?}"
     );
     assert!(
         ahead.accessed_at - ahead.received_at
-            >= chrono::Duration::days(29) - chrono::Duration::minutes(1),
+            >= chrono::Duration::days(30) - chrono::Duration::minutes(1),
         "{ahead:?}"
     );
     assert!(
@@ -270,20 +303,32 @@ async fn clock_30_days_ahead_ages_the_data_and_never_refreshes_it() {
         "{honest:?}"
     );
     assert!(honest.accessed_at <= honest.received_at, "{honest:?}");
+
+    // The clock corrected: the sync works, the data is fresh again, nothing left to send.
+    let again = tablet.sync().await.unwrap();
+    assert!(again.version >= Some(field.head), "seed {seed}");
+    assert_eq!(again.events_sent, 0, "seed {seed}");
+    let fresh = tablet.lookup_offline(&flagged[2]).await.unwrap();
+    notices.record(&fresh);
+    assert_eq!(
+        (fresh.result, fresh.freshness),
+        (LookupResult::Flagged, Freshness::Fresh),
+        "seed {seed}"
+    );
     tablet.sync().await.unwrap();
     let delivered = notices
         .check_delivered(&field, "after the clock jump")
         .await;
     assert_eq!(delivered, notices.owed(), "seed {seed}");
     eprintln!(
-        "[clock-ahead] +29 d: expired, age {age} s, not wiped; true clock again: still expired \
-         (high-water mark); +30 d: wiped by itself; sync 30 d ahead refused (checkpoint \
-         expired); clock corrected: snapshot v{:?}, {} events sent, fresh; {delivered} notices \
-         once each (the +29 d one clock_suspect, accessed_at {} vs received_at {}); {:?}",
-        again.version,
-        again.events_sent,
+        "[clock-ahead] +30 d, same boot: age {age} s then {age_later} s (real time), not wiped, \
+         clock_ahead warned; clock right: same age; sync 30 d ahead refused (checkpoint \
+         expired, the clock named) but {lookups} events sent and {delivered_ahead} notices \
+         delivered (the +30 d ones clock_suspect, accessed_at {} vs received_at {}); clock corrected: v{:?}, fresh; \
+         {delivered} notices once each; {:?}",
         ahead.accessed_at,
         ahead.received_at,
+        again.version,
         started.elapsed()
     );
 }
@@ -364,19 +409,24 @@ async fn clock_2_days_back_never_makes_the_data_fresher() {
     assert_eq!(f.freshness, Freshness::Fresh, "seed {seed}");
     assert!(f.data_age_secs.unwrap() <= resynced_at.elapsed().as_secs() + 1);
 
-    // The clock put right, 2 days forward: data verified while the tablet clock was 2 days
-    // behind counts as 2 days old (now − verified_local): expired, a miss unknown. [wall]
+    // The clock put right, 2 days forward, same boot: data verified while the tablet clock
+    // was 2 days behind is as old as the real seconds since that sync (the boot clock), not
+    // 2 days (`now − verified_local`), and the clock, now right, is not reported as ahead.
+    // [wall]
     let right = tablet.lookup_offline(&nobody).await.unwrap();
     notices.record(&right);
-    assert_eq!(
-        (right.freshness, right.result),
-        (Freshness::Expired, LookupResult::Unknown),
-        "seed {seed}"
-    );
+    assert_eq!(right.result, LookupResult::NotFlagged, "seed {seed}");
     let age_right = right.data_age_secs.unwrap();
+    by_real_time(
+        age_right,
+        right.freshness,
+        resynced_at.elapsed(),
+        "clock put right after a sync 2 days back",
+    );
     assert!(
-        (2 * DAY - 60..=2 * DAY + 60).contains(&age_right),
-        "age {age_right} s (seed {seed})"
+        !has_warning(&right, "clock_ahead") && !has_warning(&right, "clock_behind"),
+        "{:?}",
+        right.warnings
     );
     let fixed = tablet.sync().await.unwrap();
     assert!(fixed.data_as_of > resynced.data_as_of, "seed {seed}");
@@ -384,10 +434,10 @@ async fn clock_2_days_back_never_makes_the_data_fresher() {
     notices.record(&f);
     assert_eq!(f.freshness, Freshness::Fresh, "seed {seed}");
 
-    // A reboot with the clock set back: the boot clock of the last verification no longer
-    // compares (another boot id), so only the high-water mark is left: the data is at
-    // least as old as the furthest the clock had been — here the lookup above, made
-    // FRESH_SECS + 1 s after the sync. [wall]
+    // Reboots (staged): after a jump 30 days ahead within the boot, a reboot with the clock
+    // 2 days back — the high-water mark (the true time of the last lookup, not the jumped
+    // wall clock) holds the age; then a reboot with the clock 2 days ahead — no boot clock to
+    // compare, so the conservative rule: 2 days older. [wall]
     let reboot = reboot_case(&field, &tablet, &flagged, &mut notices).await;
 
     // What the council sees: a lookup made 2 days back carries the tablet's time, 2 days
@@ -410,8 +460,10 @@ async fn clock_2_days_back_never_makes_the_data_fresher() {
     eprintln!(
         "[clock-back] −2 d: stale at {age} s (boot clock), sync refused by TLS (certificate \
          issued today: not yet valid), sync done with a week-old certificate: fresh; clock \
-         put right: expired at {age_right} s; reboot: {reboot}; {delivered} notices once each \
-         (the −2 d one received {lag} after its tablet time, not clock_suspect); {:?}",
+         put right: {:?} at {age_right} s (real time); reboot: {reboot}; {delivered} \
+         notices once each (the −2 d one received {lag} after its tablet time, not \
+         clock_suspect); {:?}",
+        right.freshness,
         started.elapsed()
     );
 }
@@ -457,22 +509,57 @@ async fn reboot_case(
     let synced = tablet.sync().await.unwrap();
     let synced_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(FRESH_SECS + 1)).await;
-    // A lookup on the true clock sets the high-water mark...
-    let before = tablet.lookup_offline(&flagged[0]).await.unwrap();
-    notices.record(&before);
+    // A lookup with the clock jumped 30 days ahead, same boot: judged by real time, and it
+    // sets the high-water mark at the true time (verification + boot clock)...
+    let jumped = with_clock(tablet, "+30d")
+        .lookup_offline(&flagged[0])
+        .await
+        .unwrap();
+    notices.record(&jumped);
     let hw_age = synced_at.elapsed().as_secs();
-    // ... then the tablet reboots with its clock 2 days back.
-    let rebooted = with_clock(tablet, "-2d").with_launcher(launcher);
+    assert_eq!(jumped.result, LookupResult::Flagged, "seed {seed}");
+    by_real_time(
+        jumped.data_age_secs.unwrap(),
+        jumped.freshness,
+        synced_at.elapsed(),
+        "+30 d before a reboot",
+    );
+    // ... then the tablet reboots with its clock 2 days back: the boot clock no longer
+    // compares, the high-water mark holds — stale at about the age of that lookup, neither
+    // fresh (the wall clock) nor wiped (a high-water mark poisoned by the jump).
+    let rebooted = with_clock(tablet, "-2d").with_launcher(launcher.clone());
     let r = rebooted.lookup_offline(&flagged[1]).await.unwrap();
     notices.record(&r);
     let age = r.data_age_secs.unwrap();
     assert_eq!(r.data_as_of, synced.data_as_of, "seed {seed}");
-    assert_eq!(r.freshness, Freshness::Stale, "seed {seed}");
+    assert_eq!(
+        (r.result, r.freshness),
+        (LookupResult::Flagged, Freshness::Stale),
+        "seed {seed}"
+    );
     assert!(
         (FRESH_SECS + 1..=hw_age + 1).contains(&age),
         "age {age} s after a reboot 2 days back, the high-water mark at {hw_age} s (seed {seed})"
     );
-    format!("stale at {age} s (high-water mark; boot clock not comparable)")
+    // A reboot with the clock 2 days ahead: the conservative rule, 2 days older: expired.
+    let ahead = with_clock(tablet, "+2d").with_launcher(launcher);
+    let e = ahead.lookup_offline(&flagged[2]).await.unwrap();
+    notices.record(&e);
+    let age_ahead = e.data_age_secs.unwrap();
+    let real = synced_at.elapsed().as_secs() + 2;
+    assert_eq!(
+        (e.result, e.freshness),
+        (LookupResult::Flagged, Freshness::Expired),
+        "seed {seed}"
+    );
+    assert!(
+        (2 * DAY..=2 * DAY + real).contains(&age_ahead),
+        "age {age_ahead} s after a reboot 2 days ahead, {real} s after the sync (seed {seed})"
+    );
+    format!(
+        "+30 d same boot judged by real time; rebooted −2 d: stale at {age} s (high-water \
+         mark); rebooted +2 d: expired at {age_ahead} s (conservative)"
+    )
 }
 
 /// Sets the wall clock of agents reading `file` (libfaketime's `FAKETIME_TIMESTAMP_FILE`,
@@ -544,45 +631,58 @@ async fn clock_moved_under_a_running_agent() {
         "seed {seed}"
     );
 
-    // 30 days ahead under the running agent, the server reachable: the tablet's flags are
-    // wiped at the next lookup (past the wipe age as judged), and the answer comes from the
-    // online national check instead — the server's data and the server's clock. Its syncs
-    // are refused at the checkpoint's expiry; the API keeps answering.
+    // 30 days ahead under the running agent, the server reachable: the same boot, so the
+    // data is judged by real time — kept, not expired, a flagged number answered from the
+    // tablet's own data — and the API warns that the clock is ahead. [wall]
     set_clock(&clock, "+30d");
-    let asked = Utc::now() - chrono::Duration::seconds(1);
-    let wiped = daemon.lookup(&flagged[1].to_string()).await.unwrap();
-    notices.record(&wiped);
-    assert!(has_warning(&wiped, "no_data"), "{wiped:?}");
+    let st = daemon.status().await.unwrap();
     assert_eq!(
-        (wiped.data_as_of, wiped.data_age_secs),
-        (None, None),
-        "{wiped:?}"
+        (st.version, st.subjects),
+        (first.version, first.subjects),
+        "nothing wiped 30 days ahead (seed {seed})"
     );
-    let national = wiped
-        .national
-        .as_ref()
-        .expect("the online national check answered");
-    assert_eq!(
-        (wiped.result, national.result),
-        (LookupResult::Flagged, LookupResult::Flagged),
-        "{wiped:?}"
+    by_real_time(
+        st.data_age_secs.unwrap(),
+        st.freshness,
+        verified_by.elapsed(),
+        "status under run, +30 d",
     );
     assert!(
-        asked <= national.checked_at
-            && national.checked_at <= Utc::now() + chrono::Duration::seconds(1),
-        "checked at {} by the server's clock (seed {seed})",
-        national.checked_at
+        st.warnings.iter().any(|w| w.code == "clock_ahead"),
+        "{:?}",
+        st.warnings
     );
+    let ahead = daemon.lookup(&flagged[1].to_string()).await.unwrap();
+    notices.record(&ahead);
+    assert_eq!(ahead.result, LookupResult::Flagged, "{ahead:?}");
+    assert!(
+        !ahead.flags.is_empty() && ahead.data_as_of == first.data_as_of,
+        "answered from the tablet's data: {ahead:?}"
+    );
+    by_real_time(
+        ahead.data_age_secs.unwrap(),
+        ahead.freshness,
+        verified_by.elapsed(),
+        "lookup under run, +30 d",
+    );
+    assert!(has_warning(&ahead, "clock_ahead"), "{:?}", ahead.warnings);
+    // Its syncs are refused at the checkpoint's expiry, naming the clock; the access events
+    // are sent all the same.
     let refused = daemon.sync().await.unwrap_err();
     assert!(
-        format!("{refused:#}").contains("checkpoint expired at"),
+        format!("{refused:#}").contains("checkpoint expired at")
+            && format!("{refused:#}").contains("the tablet clock looks 30 days ahead"),
         "sync 30 days ahead: {refused:#}"
     );
     let st = daemon.status().await.unwrap();
-    assert_eq!((st.version, st.subjects), (None, 0), "seed {seed}");
+    assert_eq!(
+        (st.version, st.subjects, st.outbox_pending),
+        (first.version, first.subjects, 0),
+        "feed refused, data kept, events sent (seed {seed})"
+    );
 
-    // The clock right again: a sync restores the data, fresh, and sends the events. (The
-    // loop's own retry may get there first: then this sync finds the data up to date.)
+    // The clock right again: a sync is accepted and the data is fresh again. (The loop's own
+    // retry may get there first: then this sync finds the data up to date.)
     set_clock(&clock, "+0");
     let again = daemon.sync().await.unwrap();
     assert!(again.version >= Some(field.head), "{again:?} (seed {seed})");
@@ -604,8 +704,8 @@ async fn clock_moved_under_a_running_agent() {
     assert_eq!(delivered, notices.owed(), "seed {seed}");
     field.server.stop().await.unwrap();
     eprintln!(
-        "[clock-run] under cpis-agent run: −2 d stale (boot clock), +30 d wiped (a flagged \
-         number answered by the online national check) and syncs refused ({refused}), clock \
+        "[clock-run] under cpis-agent run: −2 d stale (boot clock), +30 d kept and judged by \
+         real time (clock_ahead warned), syncs refused ({refused}) with the events sent, clock \
          right: synced to v{:?}, fresh; {delivered} notices once each; {:?}",
         again.version,
         started.elapsed()
