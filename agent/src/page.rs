@@ -231,6 +231,49 @@ async fn bad_form(s: &Shared, headers: &HeaderMap, e: &FormRejection) -> Respons
     respond(s, e.status(), headers, view).await
 }
 
+/// A posted form and its CSRF token.
+trait Posted {
+    fn csrf(&self) -> &str;
+}
+
+/// The checks every form post passes before anything is done: the same-origin check, a
+/// readable form, then its CSRF token. The refusal page otherwise.
+async fn checked<T: Posted>(
+    s: &Arc<Shared>,
+    headers: &HeaderMap,
+    form: Result<Form<T>, FormRejection>,
+) -> Result<T, Response> {
+    if let Err(why) = guard::same_origin(headers) {
+        return Err(refuse(s, headers, why).await);
+    }
+    let Form(form) = match form {
+        Ok(f) => f,
+        Err(e) => return Err(bad_form(s, headers, &e).await),
+    };
+    if let Err(why) = guard::csrf_ok(&s.page, headers, form.csrf()) {
+        return Err(refuse(s, headers, why).await);
+    }
+    Ok(form)
+}
+
+impl Posted for ShiftForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+impl Posted for TokenForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+impl Posted for LookupForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct ShiftForm {
     #[serde(default)]
@@ -260,16 +303,10 @@ async fn start_shift(
     headers: HeaderMap,
     form: Result<Form<ShiftForm>, FormRejection>,
 ) -> Response {
-    if let Err(why) = guard::same_origin(&headers) {
-        return refuse(&s, &headers, why).await;
-    }
-    let Form(form) = match form {
+    let form = match checked(&s, &headers, form).await {
         Ok(f) => f,
-        Err(e) => return bad_form(&s, &headers, &e).await,
+        Err(refused) => return refused,
     };
-    if let Err(why) = guard::csrf_ok(&s.page, &headers, &form.csrf) {
-        return refuse(&s, &headers, why).await;
-    }
     match guard::staff_id(&form.staff_id) {
         Ok(id) => {
             let mut resp = Redirect::to("/").into_response();
@@ -297,15 +334,8 @@ async fn end_shift(
     headers: HeaderMap,
     form: Result<Form<TokenForm>, FormRejection>,
 ) -> Response {
-    if let Err(why) = guard::same_origin(&headers) {
-        return refuse(&s, &headers, why).await;
-    }
-    let Form(form) = match form {
-        Ok(f) => f,
-        Err(e) => return bad_form(&s, &headers, &e).await,
-    };
-    if let Err(why) = guard::csrf_ok(&s.page, &headers, &form.csrf) {
-        return refuse(&s, &headers, why).await;
+    if let Err(refused) = checked(&s, &headers, form).await {
+        return refused;
     }
     let mut resp = Redirect::to("/").into_response();
     resp.headers_mut().append(
@@ -342,16 +372,10 @@ async fn lookup(
     headers: HeaderMap,
     form: Result<Form<LookupForm>, FormRejection>,
 ) -> Response {
-    if let Err(why) = guard::same_origin(&headers) {
-        return refuse(&s, &headers, why).await;
-    }
-    let Form(form) = match form {
+    let form = match checked(&s, &headers, form).await {
         Ok(f) => f,
-        Err(e) => return bad_form(&s, &headers, &e).await,
+        Err(refused) => return refused,
     };
-    if let Err(why) = guard::csrf_ok(&s.page, &headers, &form.csrf) {
-        return refuse(&s, &headers, why).await;
-    }
     let Some(staff) = staff_of(&headers) else {
         let view = View {
             problem: Some(
