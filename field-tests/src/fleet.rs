@@ -105,6 +105,9 @@ pub struct Stats {
     retry_after_early: AtomicU64,
     events_left: AtomicU64,
     unreachable: AtomicU64,
+    unreachable_since_back: AtomicU64,
+    /// When the network last came back ([`Fleet::network_back`]); `None` while it is gone.
+    network_back_at: Mutex<Option<Instant>>,
     revoked: AtomicU64,
     enrol_shed: AtomicU64,
     other: AtomicU64,
@@ -133,6 +136,9 @@ pub struct Counts {
     pub events_left: u64,
     /// Attempts that could not connect (the outage).
     pub unreachable: u64,
+    /// Of those, attempts begun after the network came back (must stay 0: an attempt begun
+    /// during the outage may fail a moment after the network returns, and that is no fault).
+    pub unreachable_since_back: u64,
     /// Attempts answered "revoked" (the tablet then wiped itself).
     pub revoked: u64,
     /// Enrolments shed (retried after their `Retry-After`).
@@ -150,7 +156,8 @@ impl std::fmt::Display for Counts {
         write!(
             f,
             "{} attempts: {} synced, {} shed 429, {} shed 503 (Retry-After max {} s, {} without, \
-             {} retried early), {} with events left, {} unreachable, {} revoked, {} other",
+             {} retried early), {} with events left, {} unreachable ({} begun after the network came \
+             back), {} revoked, {} other",
             self.attempts,
             self.synced,
             self.shed_429,
@@ -160,6 +167,7 @@ impl std::fmt::Display for Counts {
             self.retry_after_early,
             self.events_left,
             self.unreachable,
+            self.unreachable_since_back,
             self.revoked,
             self.other,
         )
@@ -184,6 +192,7 @@ impl Stats {
             retry_after_early: g(&self.retry_after_early),
             events_left: g(&self.events_left),
             unreachable: g(&self.unreachable),
+            unreachable_since_back: g(&self.unreachable_since_back),
             revoked: g(&self.revoked),
             enrol_shed: g(&self.enrol_shed),
             other: g(&self.other),
@@ -369,9 +378,23 @@ impl Fleet {
         self.stats.counts()
     }
 
+    /// The network is gone (the caller cut it): attempts begun from now on may fail to connect.
+    pub fn network_gone(&self) {
+        *self
+            .stats
+            .network_back_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// The network is back: every loop ends its backoff and syncs as soon as its schedule
     /// allows (never before a server's `Retry-After`).
     pub fn network_back(&self) {
+        *self
+            .stats
+            .network_back_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         for m in &self.members {
             if let Some(h) = &m.handle {
                 h.server_reachable();
@@ -523,6 +546,7 @@ impl Worker for FleetWorker {
             self.stats.clone(),
         );
         async move {
+            let started = Instant::now();
             Stats::add(&stats.attempts);
             let not_before = *progress
                 .not_before
@@ -543,6 +567,13 @@ impl Worker for FleetWorker {
                         (_, Some((status, wait))) => Self::shed(&stats, &progress, status, wait),
                         (AgentError::Net(NetError::Unreachable { .. }), None) => {
                             Stats::add(&stats.unreachable);
+                            let back = *stats
+                                .network_back_at
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner());
+                            if back.is_some_and(|t| started >= t) {
+                                Stats::add(&stats.unreachable_since_back);
+                            }
                             Stats::sample(&stats.unreachable_errors, e.to_string());
                         }
                         _ => stats.other(e.to_string()),

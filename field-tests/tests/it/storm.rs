@@ -380,6 +380,7 @@ fn delta(before: &Counts, after: &Counts) -> Counts {
         retry_after_early: after.retry_after_early - before.retry_after_early,
         events_left: after.events_left - before.events_left,
         unreachable: after.unreachable - before.unreachable,
+        unreachable_since_back: after.unreachable_since_back - before.unreachable_since_back,
         revoked: after.revoked - before.revoked,
         enrol_shed: after.enrol_shed - before.enrol_shed,
         other: after.other - before.other,
@@ -396,6 +397,7 @@ async fn outage(storm: &Storm) -> Counts {
         .set_faults(Faults::none().with_refuse(true))
         .await
         .unwrap();
+    storm.fleet.network_gone();
     let before = storm.fleet.counts();
     let n = storm.fleet.members().len();
     let mut polls = tokio::task::JoinSet::new();
@@ -567,7 +569,7 @@ async fn reconnect_storm(storm: &mut Storm, rng: &mut ChaCha8Rng, owed: &mut Owe
     assert!(ok.len() > 10, "seed {seed}");
     // The only errors were the intended ones.
     assert_eq!(
-        storm_counts.unreachable, 0,
+        storm_counts.unreachable_since_back, 0,
         "{storm_counts}: {:?} (seed {seed})",
         after.unreachable_errors
     );
@@ -774,7 +776,7 @@ async fn revocations_and_council_isolation(
     // The others converged (checked above) with the only errors the intended ones.
     assert_eq!(after.other, 0, "{:?} (seed {seed})", after.other_errors);
     assert_eq!(
-        storm_counts.unreachable, 0,
+        storm_counts.unreachable_since_back, 0,
         "{:?} (seed {seed})",
         after.unreachable_errors
     );
