@@ -37,6 +37,7 @@ pub struct ServerProcess {
     http: reqwest::Client,
     child: Option<Running>,
     starts: u32,
+    port_busy: usize,
 }
 
 impl ServerProcess {
@@ -83,6 +84,7 @@ impl ServerProcess {
             ca_pem,
             child: None,
             starts: 0,
+            port_busy: 0,
         };
         server.add_directory(directory).await?;
         server.start().await?;
@@ -177,8 +179,38 @@ impl ServerProcess {
             .to_owned())
     }
 
-    /// Starts `serve` (if not running) and waits for `/healthz`.
+    /// Starts `serve` (if not running) and waits for `/healthz`. A restart comes back on the
+    /// same port, which an outgoing connection of another process (the fleet scenario runs
+    /// thousands) may hold for a moment as its local port: only that is retried, every
+    /// 0.5 s for at most 10 s, and each retry counted ([`ServerProcess::port_busy`]).
     pub async fn start(&mut self) -> anyhow::Result<()> {
+        let mut tries = 0;
+        loop {
+            match self.start_once().await {
+                Err(e)
+                    if self.addr.port() != 0
+                        && tries < 20
+                        && format!("{e:#}").contains("Address already in use") =>
+                {
+                    tries += 1;
+                    self.port_busy += 1;
+                    eprintln!(
+                        "[server] port {} is taken, retrying: {e:#}",
+                        self.addr.port()
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Restarts that waited for the port to be free.
+    pub fn port_busy(&self) -> usize {
+        self.port_busy
+    }
+
+    async fn start_once(&mut self) -> anyhow::Result<()> {
         if self.is_running()? {
             return Ok(());
         }
