@@ -728,40 +728,12 @@ impl Admin {
     /// Adds every trust, region (with its neighbour councils) and council; returns how many
     /// commands it ran.
     async fn add_directory(&self, directory: &cpis_fixtures::Directory) -> anyhow::Result<usize> {
-        let mut n = 0;
-        for t in &directory.trusts {
-            self.run(&["trust", "add", "--ods", t.code.as_str(), "--name", &t.name])
-                .await?;
-            n += 1;
-        }
-        for r in &directory.regions {
-            let mut args = vec!["region", "add", "--id", r.id.as_str(), "--name", &r.name];
-            for c in &r.neighbour_councils {
-                args.extend(["--neighbour-council", c.as_str()]);
-            }
+        let commands = harness::directory_commands(directory);
+        for args in &commands {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             self.run(&args).await?;
-            n += 1;
         }
-        for c in &directory.councils {
-            let mut args = vec![
-                "council",
-                "add",
-                "--ods",
-                c.code.as_str(),
-                "--name",
-                &c.name,
-                "--region",
-                c.region.as_str(),
-                "--emergency-phone",
-                &c.emergency_phone,
-            ];
-            if let Some(office) = &c.office_phone {
-                args.extend(["--office-phone", office.as_str()]);
-            }
-            self.run(&args).await?;
-            n += 1;
-        }
-        Ok(n)
+        Ok(commands.len())
     }
 }
 

@@ -19,7 +19,9 @@ use std::time::Duration;
 pub use agent::{AgentDaemon, COMMAND_TIMEOUT, Tablet, copy_dir};
 pub use bins::{BIN_DIR_ENV, Bins, bins};
 pub use http::{client as https_client, local_client};
-pub use server::{CouncilClient, REQUEST_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT, ServerProcess};
+pub use server::{
+    CouncilClient, REQUEST_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT, ServerProcess, directory_commands,
+};
 
 /// Bound on one `init` or `admin` command.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);

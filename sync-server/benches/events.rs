@@ -9,6 +9,8 @@
 //! Run with `cargo bench -p cpis-sync-server --bench events`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,44 +28,15 @@ use cpis_sync_server::store::{NewEnrolmentToken, Store};
 use cpis_sync_server::tokens;
 use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 const SEED: u64 = 20_260_602;
+/// Longest any one request may take.
+const TIMEOUT: Duration = Duration::from_secs(120);
 const COUNCIL: &str = "E10000018";
 const OTHER: &str = "E10000024";
 /// Flagged subjects (the council's flags).
 const SUBJECTS: u32 = 1000;
 const QUEUED: usize = 100_000;
-
-fn client(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Client {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(cert.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()
-                    .unwrap(),
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-}
 
 /// The n-th valid 999-prefixed NHS number.
 fn nhs(n: u32) -> NhsNumber {
@@ -250,7 +223,7 @@ async fn run() {
     for n in &numbers {
         csv.push_str(&format!("{n},CPP,2025-01-01,,,\n"));
     }
-    let http = client(&ca, None);
+    let http = common::client(&ca, None, TIMEOUT);
     let r = http
         .post(format!("{base}/v1/councils/{COUNCIL}/uploads"))
         .bearer_auth(&token)
@@ -295,9 +268,10 @@ async fn run() {
         .json()
         .await
         .unwrap();
-    let device = client(
+    let device = common::client(
         &ca,
         Some((&enrolment.client_cert_pem, &key.serialize_pem())),
+        TIMEOUT,
     );
     let events = Events {
         numbers,

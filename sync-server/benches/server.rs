@@ -7,6 +7,8 @@
 //! Run with `cargo bench -p cpis-sync-server --bench server`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,39 +25,10 @@ use cpis_sync_server::server::{self, Server};
 use cpis_sync_server::store::{NewEnrolmentToken, RegionHead, RegionSnapshot, Store};
 use cpis_sync_server::tokens;
 use cpis_sync_server::upload::{self, UploadOptions};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 const SEED: u64 = 20_260_601;
-
-fn client(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Client {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(cert.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()
-                    .unwrap(),
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
+/// Longest any one request may take.
+const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
@@ -122,7 +95,7 @@ async fn run() {
     let parse_time = t.elapsed();
     assert_eq!(parsed.len(), 20_000);
 
-    let http = client(&ca, None);
+    let http = common::client(&ca, None, TIMEOUT);
     let url = format!("{base}/v1/councils/{}/uploads", council.code);
     let upload = |body: Vec<u8>| {
         let http = http.clone();
@@ -246,7 +219,7 @@ async fn run() {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..connections {
-        let device = client(&ca, Some((&enrolment.client_cert_pem, &key_pem)));
+        let device = common::client(&ca, Some((&enrolment.client_cert_pem, &key_pem)), TIMEOUT);
         for _ in 0..per_connection {
             let device = device.clone();
             let url = format!("{base}{}", paths::CHECKPOINT);

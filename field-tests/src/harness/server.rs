@@ -93,33 +93,8 @@ impl ServerProcess {
 
     /// Adds the directory's trusts, regions and councils with `admin` commands.
     pub async fn add_directory(&self, directory: &Directory) -> anyhow::Result<()> {
-        for t in &directory.trusts {
-            self.admin(&["trust", "add", "--ods", t.code.as_str(), "--name", &t.name])
-                .await?;
-        }
-        for r in &directory.regions {
-            let mut args = vec!["region", "add", "--id", r.id.as_str(), "--name", &r.name];
-            for n in &r.neighbour_councils {
-                args.extend(["--neighbour-council", n.as_str()]);
-            }
-            self.admin(&args).await?;
-        }
-        for c in &directory.councils {
-            let mut args = vec![
-                "council",
-                "add",
-                "--ods",
-                c.code.as_str(),
-                "--name",
-                &c.name,
-                "--region",
-                c.region.as_str(),
-                "--emergency-phone",
-                &c.emergency_phone,
-            ];
-            if let Some(office) = &c.office_phone {
-                args.extend(["--office-phone", office.as_str()]);
-            }
+        for args in directory_commands(directory) {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             self.admin(&args).await?;
         }
         Ok(())
@@ -509,4 +484,50 @@ async fn json<T: serde::de::DeserializeOwned>(r: reqwest::Response) -> anyhow::R
         );
     }
     serde_json::from_str(&text).with_context(|| format!("reading {text}"))
+}
+
+/// The `admin` arguments that add every trust, region (with its neighbour councils) and
+/// council of `directory`, in that order.
+pub fn directory_commands(directory: &Directory) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for t in &directory.trusts {
+        out.push(args(&[
+            "trust",
+            "add",
+            "--ods",
+            t.code.as_str(),
+            "--name",
+            &t.name,
+        ]));
+    }
+    for r in &directory.regions {
+        let mut a = args(&["region", "add", "--id", r.id.as_str(), "--name", &r.name]);
+        for n in &r.neighbour_councils {
+            a.extend(args(&["--neighbour-council", n.as_str()]));
+        }
+        out.push(a);
+    }
+    for c in &directory.councils {
+        let mut a = args(&[
+            "council",
+            "add",
+            "--ods",
+            c.code.as_str(),
+            "--name",
+            &c.name,
+            "--region",
+            c.region.as_str(),
+            "--emergency-phone",
+            &c.emergency_phone,
+        ]);
+        if let Some(office) = &c.office_phone {
+            a.extend(args(&["--office-phone", office.as_str()]));
+        }
+        out.push(a);
+    }
+    out
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
 }
