@@ -453,6 +453,31 @@ pub(crate) async fn inbox<S: Store>(
     }
 }
 
+/// The notices ticked on the inbox form (`event_id`, repeated), or why nothing can be
+/// acknowledged.
+fn selected_events(fields: &Fields) -> Result<BTreeSet<EventId>, String> {
+    let mut selected = BTreeSet::new();
+    for (k, v) in fields {
+        if k != "event_id" {
+            continue;
+        }
+        let id = v
+            .trim()
+            .parse::<EventId>()
+            .map_err(|_| format!("\"{v}\" is not a notice id. Nothing was acknowledged."))?;
+        selected.insert(id);
+    }
+    if selected.is_empty() {
+        return Err("Select at least one notice to acknowledge.".into());
+    }
+    if selected.len() > MAX_LIMIT as usize {
+        return Err(format!(
+            "Acknowledge at most {MAX_LIMIT} notices at a time. Nothing was acknowledged."
+        ));
+    }
+    Ok(selected)
+}
+
 /// `POST /council/inbox/ack` (`event_id` repeated, `csrf`, `from`, `to`): acknowledges the
 /// selected notices with the API's store call, then `303` back to the inbox.
 pub(crate) async fn ack<S: Store>(
@@ -465,13 +490,9 @@ pub(crate) async fn ack<S: Store>(
     let fields = form(body, "/council/inbox")?;
     check_post(&headers, &uri, &fields, &session.csrf, "/council/inbox")?;
     let filter = Filter::parse(&fields).unwrap_or_default();
-    let mut selected = BTreeSet::new();
-    for (k, v) in &fields {
-        if k != "event_id" {
-            continue;
-        }
-        let Ok(id) = v.trim().parse::<EventId>() else {
-            let message = format!("\"{v}\" is not a notice id. Nothing was acknowledged.");
+    let selected = match selected_events(&fields) {
+        Ok(selected) => selected,
+        Err(message) => {
             return inbox_page(
                 &pages,
                 &session,
@@ -481,35 +502,8 @@ pub(crate) async fn ack<S: Store>(
                 true,
             )
             .await;
-        };
-        selected.insert(id);
-    }
-    if selected.is_empty() {
-        return inbox_page(
-            &pages,
-            &session,
-            &filter,
-            StatusCode::BAD_REQUEST,
-            Some(Notice::Error(
-                "Select at least one notice to acknowledge.".into(),
-            )),
-            true,
-        )
-        .await;
-    }
-    if selected.len() > MAX_LIMIT as usize {
-        let message =
-            format!("Acknowledge at most {MAX_LIMIT} notices at a time. Nothing was acknowledged.");
-        return inbox_page(
-            &pages,
-            &session,
-            &filter,
-            StatusCode::BAD_REQUEST,
-            Some(Notice::Error(message)),
-            true,
-        )
-        .await;
-    }
+        }
+    };
     let app = &pages.app;
     // Only this council's own notices can be chosen: the ids come from its own mailbox.
     let ids: Vec<NotificationId> = unacknowledged(&pages, &session.who.code)
