@@ -37,6 +37,19 @@ pub enum AgentError {
     NotEnrolled(String),
     #[error("already enrolled: {0}")]
     AlreadyEnrolled(String),
+    /// Revoked, flags shredded, but access notices still wait in the outbox: the device
+    /// wipes itself once they are delivered (every sync tries again).
+    #[error(
+        "not enrolled: this device was revoked ({reason}); its flags are shredded, and \
+         {pending} access notice(s) wait to be sent to the server before it wipes itself{}",
+        cause.as_deref().map(|c| format!(" (not sent yet: {c})")).unwrap_or_default()
+    )]
+    RevokedPending {
+        reason: String,
+        pending: u64,
+        /// Why the last attempt to send them failed.
+        cause: Option<String>,
+    },
     #[error(transparent)]
     InvalidNhsNumber(#[from] NhsNumberError),
     // Not `#[from]`: that would also make the `VerifyError` the source, and error chains
@@ -171,6 +184,11 @@ impl StateDir {
     pub fn renew_commit(&self) -> PathBuf {
         self.keys_dir().join("renew.commit")
     }
+    /// Present once the server said the device is revoked (the flags are gone; the outbox
+    /// waits to be delivered before the wipe). Holds the server's reason.
+    pub fn revoked(&self) -> PathBuf {
+        self.root.join("revoked")
+    }
     pub fn keystore(&self) -> FileKeystore {
         FileKeystore::in_state_dir(&self.root)
     }
@@ -196,6 +214,9 @@ pub struct Agent {
     enrolment: Mutex<Enrolment>,
     /// Set when the device has crypto-shredded itself: nothing is answered from then on.
     shredded: AtomicBool,
+    /// The server's reason, once it said the device is revoked: no lookup is answered, and
+    /// syncs only deliver the outbox, then wipe.
+    revoked: Mutex<Option<String>>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) flags: Mutex<FlagDb>,
     pub(crate) outbox: Mutex<Outbox>,
@@ -267,11 +288,17 @@ impl Agent {
             .map_err(|e| AgentError::Store(StoreError::Corrupt(e.to_string())))?;
         let flags = FlagDb::open(&sd.flags_db())?;
         let outbox = Outbox::open(&sd.outbox_db())?;
+        let revoked = match std::fs::read_to_string(sd.revoked()) {
+            Ok(reason) => Some(reason),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&sd.revoked())(e)),
+        };
         Ok(Self {
             dir: sd,
             keys,
             enrolment: Mutex::new(enrolment),
             shredded: AtomicBool::new(false),
+            revoked: Mutex::new(revoked),
             clock,
             flags: Mutex::new(flags),
             outbox: Mutex::new(outbox),
@@ -289,14 +316,69 @@ impl Agent {
         lock(&self.enrolment).signing_key
     }
 
-    /// Refuses everything once the device has shredded itself.
+    /// Refuses lookups and status once the device has shredded itself, or was revoked and
+    /// waits only to deliver its outbox.
     pub fn check_live(&self) -> Result<(), AgentError> {
+        self.check_not_shredded()?;
+        if let Some(reason) = self.revoked_reason() {
+            return Err(AgentError::RevokedPending {
+                reason,
+                pending: self.outbox_counts()?.0,
+                cause: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses everything once the device has shredded itself (a revoked device that still
+    /// holds undelivered notices may sync: it only sends them).
+    pub fn check_not_shredded(&self) -> Result<(), AgentError> {
         if self.shredded.load(Ordering::SeqCst) {
             return Err(AgentError::NotEnrolled(
                 "this device's data has been shredded (revoked or wiped); enrol it again".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The server's reason, once it said this device is revoked.
+    pub fn revoked_reason(&self) -> Option<String> {
+        lock(&self.revoked).clone()
+    }
+
+    /// The server said this device is revoked: records it durably (a restart stays
+    /// revoked), shreds the flags and any partial download at once, and keeps only what
+    /// delivering the outbox needs (keys, certificate, outbox). See
+    /// [`crate::lifecycle::retire`].
+    pub fn mark_revoked(&self, reason: &str) -> Result<(), AgentError> {
+        if lock(&self.revoked).is_none() {
+            let p = self.dir.revoked();
+            write_private(&p, reason.as_bytes()).map_err(io_err(&p))?;
+            *lock(&self.revoked) = Some(reason.to_owned());
+        }
+        self.drop_flags()?;
+        let dl = self.dir.downloads();
+        if dl.exists() {
+            std::fs::remove_dir_all(&dl).map_err(io_err(&dl))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every flag and the data position (the outbox is untouched).
+    pub(crate) fn drop_flags(&self) -> Result<(), AgentError> {
+        let mut db = lock(&self.flags);
+        self.drop_flags_in(&mut db)
+    }
+
+    /// [`Self::drop_flags`] with the flag database already locked.
+    pub(crate) fn drop_flags_in(&self, db: &mut FlagDb) -> Result<(), AgentError> {
+        let st = self.state_in(db)?;
+        let mut new = (*st).clone();
+        new.data = None;
+        new.data_as_of = None;
+        new.councils.clear();
+        db.clear_flags(&self.keys, &new)?;
+        self.remember(db, new)
     }
 
     /// Whether this device has crypto-shredded itself.
@@ -382,7 +464,7 @@ impl Agent {
 
     /// The sealed state, from the cache unless another process committed since.
     pub(crate) fn state_in(&self, db: &FlagDb) -> Result<Arc<DataState>, AgentError> {
-        self.check_live()?;
+        self.check_not_shredded()?;
         let dv = db.data_version()?;
         {
             let cache = lock(&self.cache);
@@ -689,6 +771,7 @@ impl Agent {
             sd.next_device_cert(),
             sd.ca(),
             sd.enrolment(),
+            sd.revoked(),
         ] {
             shred_file(&p).map_err(io_err(&p))?;
         }

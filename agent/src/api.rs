@@ -91,7 +91,9 @@ impl From<AgentError> for HttpError {
     fn from(e: AgentError) -> Self {
         let (status, code) = match &e {
             AgentError::InvalidNhsNumber(n) => (StatusCode::BAD_REQUEST, n.code()),
-            AgentError::NotEnrolled(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_enrolled"),
+            AgentError::NotEnrolled(_) | AgentError::RevokedPending { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "not_enrolled")
+            }
             AgentError::Verify(v) | AgentError::ClockAhead { error: v, .. } => {
                 (StatusCode::BAD_GATEWAY, v.code())
             }
@@ -168,7 +170,8 @@ async fn status(State(s): State<Arc<Shared>>) -> Result<Response, HttpError> {
 }
 
 async fn sync(State(s): State<Arc<Shared>>) -> Result<Response, HttpError> {
-    s.agent.check_live()?;
+    // A revoked device may still sync: it only delivers its outbox, then wipes.
+    s.agent.check_not_shredded()?;
     let Some(h) = &s.opts.sync else {
         let _one = s.sync.lock().await;
         let resp = crate::sync::sync_once(&s.agent, &|_, _| {}).await?;

@@ -1,7 +1,8 @@
 //! The background loop of `cpis-agent run`: waits and attempts as [`crate::schedule`]
 //! decides. Triggers arrive through a [`SyncHandle`] (lookups leaving events, `POST /v1/sync`,
 //! the server answering an online check); an attempt is a sync (feed, outbox, report) then a
-//! certificate renewal when due; a revoked device is wiped and the loop ends. The wipe-age
+//! certificate renewal when due; a revoked device delivers its outbox, is wiped and the loop
+//! ends (until the outbox is delivered, attempts fail and back off as usual). The wipe-age
 //! self-shred is checked at every wake-up and at least every `housekeeping` interval. The
 //! loop stops at once when its cancellation token is cancelled.
 //!
@@ -255,22 +256,22 @@ impl Worker for AgentWorker {
                     ..
                 }) => return Outcome::events_not_sent(&e),
                 Ok(s) => s.response,
+                // Retired: the outbox was delivered and the device wiped.
                 Err(AgentError::NotEnrolled(msg)) => return Outcome::Revoked(msg),
-                Err(AgentError::Net(NetError::Revoked(msg))) => return Outcome::Revoked(msg),
                 Err(e) => return Outcome::failed(&e),
             };
             // A renewal that fails keeps the old identity and is retried with the backoff.
-            let renewed = match crate::sync::device_client(&agent) {
-                Ok(client) => crate::lifecycle::renew_if_due(&agent, &client).await,
-                Err(e) => Err(e),
+            let client = match crate::sync::device_client(&agent) {
+                Ok(client) => client,
+                Err(e) => return Outcome::failed(&e),
             };
-            match renewed {
+            match crate::lifecycle::renew_if_due(&agent, &client).await {
                 Ok(_) => Outcome::Synced(synced),
                 Err(AgentError::Net(NetError::Revoked(msg))) => {
-                    let _ = agent.shred();
-                    Outcome::Revoked(format!(
-                        "this device was revoked ({msg}); its data has been shredded"
-                    ))
+                    match crate::lifecycle::retire(&agent, &client, &msg).await {
+                        AgentError::NotEnrolled(msg) => Outcome::Revoked(msg),
+                        e => Outcome::failed(&e),
+                    }
                 }
                 Err(e) => Outcome::failed(&AgentError::Net(NetError::Protocol(format!(
                     "client certificate renewal failed: {e}"

@@ -1,6 +1,7 @@
 //! The device lifecycle, agent side (`cpis_protocol::lifecycle`): the report for the fleet
 //! view after each sync, client-certificate renewal before expiry (a new key pair each time,
-//! installed atomically), and following a signed chain of feed signing-key rollovers.
+//! installed atomically), following a signed chain of feed signing-key rollovers, and
+//! retiring a revoked device without losing its unsent notices ([`retire`]).
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -9,6 +10,64 @@ use cpis_protocol::lifecycle::DeviceReport;
 
 use crate::agent::{Agent, AgentError};
 use crate::net::{self, DeviceClient, NetError};
+
+/// The server said this device is revoked (`reason`, its words). The one place that decides
+/// what follows, whichever request learnt it:
+///
+/// 1. the revocation is recorded durably and the flags are shredded at once (lookups now
+///    answer "not enrolled");
+/// 2. the whole outbox is sent — the server takes access events from a revoked device, and
+///    records them as sent after revocation — so no notice of a flagged child's lookup is
+///    lost (DESIGN.md §2 rule 3);
+/// 3. only when nothing is left to send is everything destroyed ([`Agent::shred`]).
+///
+/// When the outbox cannot be delivered now, it stays sealed and the answer is
+/// [`AgentError::RevokedPending`]; every later sync goes straight back to step 2.
+/// Returns the error the caller reports: `NotEnrolled` once wiped.
+pub async fn retire(agent: &Agent, client: &DeviceClient, reason: &str) -> AgentError {
+    if let Err(e) = agent.mark_revoked(reason) {
+        return e;
+    }
+    let sent = match crate::sync::upload_events(agent, client).await {
+        Ok(sent) => sent,
+        Err(e) => {
+            tracing::warn!("revoked: access notices not delivered yet: {e}");
+            return pending_or(agent, reason, e);
+        }
+    };
+    match agent.outbox_counts() {
+        Ok((0, _)) => {}
+        Ok((pending, _)) => {
+            return AgentError::RevokedPending {
+                reason: reason.to_owned(),
+                pending,
+                cause: Some("the server stored none of the last batch".into()),
+            };
+        }
+        Err(e) => return e,
+    }
+    if let Err(e) = agent.shred() {
+        tracing::error!("wiping the revoked device failed: {e}");
+        return e;
+    }
+    tracing::warn!(sent, "revoked: outbox delivered, device wiped");
+    AgentError::NotEnrolled(format!(
+        "this device was revoked ({reason}); {sent} access notice(s) were delivered first, \
+         then its data was shredded"
+    ))
+}
+
+/// `RevokedPending` with the outbox's count, or `e` when even that cannot be read.
+fn pending_or(agent: &Agent, reason: &str, e: AgentError) -> AgentError {
+    match agent.outbox_counts() {
+        Ok((pending, _)) => AgentError::RevokedPending {
+            reason: reason.to_owned(),
+            pending,
+            cause: Some(e.to_string()),
+        },
+        Err(_) => e,
+    }
+}
 
 /// Renewal starts when less than this much of the certificate's life is left ...
 const RENEW_FRACTION: i32 = 3;

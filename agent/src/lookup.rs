@@ -396,12 +396,8 @@ impl Agent {
         if u64::try_from(age.num_seconds()).unwrap_or(0) <= st.policy.wipe_secs {
             return Ok(false);
         }
-        let mut new = (*st).clone();
-        new.data = None;
-        new.data_as_of = None;
-        new.councils.clear();
-        db.clear_flags(&self.keys, &new)?;
-        self.remember(&db, new)?;
+        // The outbox is kept: its notices are still delivered at the next contact.
+        self.drop_flags_in(&mut db)?;
         Ok(true)
     }
 }

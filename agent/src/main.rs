@@ -180,7 +180,7 @@ enum Command {
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<AgentError>() {
         Some(AgentError::InvalidNhsNumber(_)) => 2,
-        Some(AgentError::NotEnrolled(_)) => 3,
+        Some(AgentError::NotEnrolled(_) | AgentError::RevokedPending { .. }) => 3,
         _ => 1,
     }
 }

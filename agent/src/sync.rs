@@ -61,7 +61,7 @@ pub fn device_client(agent: &Agent) -> Result<DeviceClient, AgentError> {
     let read = |p: std::path::PathBuf| {
         std::fs::read_to_string(&p).map_err(|source| AgentError::Io { path: p, source })
     };
-    agent.check_live()?;
+    agent.check_not_shredded()?;
     Ok(DeviceClient::new(
         &agent.enrolment().server,
         &read(sd.ca())?,
@@ -99,8 +99,8 @@ fn events_worth_sending(e: &AgentError, server_answered: bool) -> bool {
 /// device report (whose failure never fails the sync). When the feed part fails after the
 /// server answered (a checkpoint refused as expired, a bad signature, a connection cut
 /// mid-transfer…), pending access events are still sent over the same connection before the
-/// feed's error is returned (see `events_worth_sending`). A revoked device shreds its state
-/// directory. When the feed fails with a bad signature under the pinned key, the key chain
+/// feed's error is returned (see `events_worth_sending`). A revoked device delivers its
+/// outbox, then shreds its state directory ([`crate::lifecycle::retire`]). When the feed fails with a bad signature under the pinned key, the key chain
 /// is fetched and followed from the pinned key; if it leads to a new key, that key is
 /// pinned and the sync retried once.
 pub async fn sync_once(
@@ -122,69 +122,38 @@ pub struct Synced {
     pub events_error: Option<AgentError>,
 }
 
-/// [`sync_once`], also telling why pending access events could not be sent.
+/// [`sync_once`], also telling why pending access events could not be sent. A device the
+/// server said is revoked (now, or at an earlier sync) is handed to
+/// [`crate::lifecycle::retire`]: flags shredded, outbox delivered, then wiped.
 pub async fn sync_feed_and_events(
     agent: &Agent,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<Synced, AgentError> {
-    let result = async {
-        let client = device_client(agent)?;
-        let mut answered = false;
-        let first = run(agent, &client, progress, &mut answered).await;
-        let outcome = match first {
-            Err(e) if is_bad_signature(&e) => {
-                match crate::lifecycle::follow_key_rollover(agent, &client).await {
-                    Ok(Some(key)) => {
-                        tracing::warn!(%key, "feed signing key rolled over; pinned the new key");
-                        run(agent, &client, progress, &mut answered).await
-                    }
-                    Ok(None) => Err(e),
-                    Err(chain) => {
-                        tracing::warn!("key chain not followed: {chain}");
-                        Err(e)
-                    }
-                }
-            }
-            other => other,
-        };
-        if let Err(feed) = &outcome
-            && events_worth_sending(feed, answered)
-        {
-            match upload_events(agent, &client).await {
-                Ok(n) => {
-                    tracing::warn!("the feed failed ({feed}); {n} access events sent all the same")
-                }
-                Err(AgentError::Net(NetError::Revoked(msg))) => {
-                    return Err(AgentError::Net(NetError::Revoked(msg)));
-                }
-                Err(e) => {
-                    tracing::warn!("the feed failed ({feed}); access events not sent either: {e}")
-                }
-            }
+    let client = match device_client(agent) {
+        Ok(client) => client,
+        Err(e) => {
+            agent.record_sync(Err(e.to_string()))?;
+            return Err(e);
         }
-        outcome.map(|r| (r, client))
+    };
+    if let Some(reason) = agent.revoked_reason() {
+        return Err(crate::lifecycle::retire(agent, &client, &reason).await);
     }
-    .await;
+    let result = feed_then_events(agent, &client, progress).await;
     // Revoked while sending events: revoked all the same.
     let result = match result {
-        Ok((
-            Synced {
-                events_error: Some(AgentError::Net(NetError::Revoked(msg))),
-                ..
-            },
-            _,
-        )) => Err(AgentError::Net(NetError::Revoked(msg))),
+        Ok(Synced {
+            events_error: Some(AgentError::Net(NetError::Revoked(msg))),
+            ..
+        }) => Err(AgentError::Net(NetError::Revoked(msg))),
         other => other,
     };
     let result = match result {
         Err(AgentError::Net(NetError::Revoked(msg))) => {
-            agent.shred()?;
-            return Err(AgentError::NotEnrolled(format!(
-                "this device was revoked ({msg}); its data has been shredded"
-            )));
+            return Err(crate::lifecycle::retire(agent, &client, &msg).await);
         }
         Err(e) => Err(e),
-        Ok((r, client)) => {
+        Ok(r) => {
             if let Err(e) = crate::lifecycle::report(agent, &client).await {
                 tracing::warn!("device report not sent: {e}");
             }
@@ -193,6 +162,49 @@ pub async fn sync_feed_and_events(
     };
     agent.record_sync(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))?;
     result
+}
+
+/// The feed (following a key rollover once), then pending events; when the feed fails after
+/// the server answered, pending events are still sent over the same connection.
+async fn feed_then_events(
+    agent: &Agent,
+    client: &DeviceClient,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<Synced, AgentError> {
+    let mut answered = false;
+    let first = run(agent, client, progress, &mut answered).await;
+    let outcome = match first {
+        Err(e) if is_bad_signature(&e) => {
+            match crate::lifecycle::follow_key_rollover(agent, client).await {
+                Ok(Some(key)) => {
+                    tracing::warn!(%key, "feed signing key rolled over; pinned the new key");
+                    run(agent, client, progress, &mut answered).await
+                }
+                Ok(None) => Err(e),
+                Err(chain) => {
+                    tracing::warn!("key chain not followed: {chain}");
+                    Err(e)
+                }
+            }
+        }
+        other => other,
+    };
+    if let Err(feed) = &outcome
+        && events_worth_sending(feed, answered)
+    {
+        match upload_events(agent, client).await {
+            Ok(n) => {
+                tracing::warn!("the feed failed ({feed}); {n} access events sent all the same")
+            }
+            Err(AgentError::Net(NetError::Revoked(msg))) => {
+                return Err(AgentError::Net(NetError::Revoked(msg)));
+            }
+            Err(e) => {
+                tracing::warn!("the feed failed ({feed}); access events not sent either: {e}")
+            }
+        }
+    }
+    outcome
 }
 
 /// An expired checkpoint, explained by the tablet clock when it is well ahead of the

@@ -39,8 +39,9 @@ pub mod paths {
 /// [`DELTA_GONE`] when V is older than the change-log retention horizon or from another
 /// epoch (take a snapshot), `400` when V is ahead of the head. A snapshot body for a version no
 /// longer cached answers `410` [`SNAPSHOT_GONE`] (fetch the snapshot metadata again).
-/// Enrolment: `401` [`TOKEN_UNKNOWN`], `403` [`TOKEN_USED_UP`] or [`TOKEN_EXPIRED`], `400`
-/// [`BAD_CSR`].
+/// Enrolment: `401` [`TOKEN_UNKNOWN`] or [`ENROLMENT_TOKEN_REVOKED`], `403` [`TOKEN_USED_UP`]
+/// or [`TOKEN_EXPIRED`], `400` [`BAD_CSR`]. Council and trust admin tokens: `401`
+/// [`UNAUTHORISED`] (missing or unknown), [`BEARER_REVOKED`] or [`BEARER_EXPIRED`].
 pub mod codes {
     pub const CLIENT_CERT_REQUIRED: &str = "client_certificate_required";
     pub const DEVICE_REVOKED: &str = "device_revoked";
@@ -49,6 +50,11 @@ pub mod codes {
     pub const TOKEN_UNKNOWN: &str = "enrolment_token_unknown";
     pub const TOKEN_USED_UP: &str = "enrolment_token_used_up";
     pub const TOKEN_EXPIRED: &str = "enrolment_token_expired";
+    pub const ENROLMENT_TOKEN_REVOKED: &str = "enrolment_token_revoked";
+    /// `401`: a council or trust admin token revoked by an administrator.
+    pub const BEARER_REVOKED: &str = "token_revoked";
+    /// `401`: a council or trust admin token past the expiry it was issued with.
+    pub const BEARER_EXPIRED: &str = "token_expired";
     pub const BAD_CSR: &str = "bad_csr";
     pub const UNAUTHORISED: &str = "unauthorised";
     pub const FORBIDDEN: &str = "forbidden";
@@ -58,6 +64,8 @@ pub mod codes {
     /// `429`: one device asks more often than the server's per-device rate (`Retry-After`).
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const NOT_FOUND: &str = "not_found";
+    /// `408`: the request (its body included) was not complete within the server's limit.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
 }
 
 /// The CSV columns of a council upload, in order.

@@ -215,7 +215,7 @@ async fn run() {
     }
     let (token, hash) = tokens::new_secret(tokens::COUNCIL_PREFIX);
     store
-        .add_council_token(COUNCIL.parse().unwrap(), hash, now)
+        .add_council_token(COUNCIL.parse().unwrap(), hash, now, None)
         .await
         .unwrap();
     let numbers: Vec<NhsNumber> = (0..SUBJECTS).map(nhs).collect();

@@ -86,7 +86,7 @@ async fn run() {
     store.add_council(council.info()).await.unwrap();
     let (token, hash) = tokens::new_secret(tokens::COUNCIL_PREFIX);
     store
-        .add_council_token(council.code.clone(), hash, now)
+        .add_council_token(council.code.clone(), hash, now, None)
         .await
         .unwrap();
 

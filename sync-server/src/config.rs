@@ -43,6 +43,16 @@ pub enum ConfigError {
 pub struct Config {
     /// Address to listen on (`CPIS_LISTEN`).
     pub listen: SocketAddr,
+    /// Address of the plain-HTTP Prometheus listener serving only `/metrics`
+    /// (`CPIS_METRICS_LISTEN`); loopback by default. `/metrics` is never on `listen`.
+    pub metrics_listen: SocketAddr,
+    /// How long a client may take to send a request's headers (HTTP/1.1), in seconds
+    /// (`CPIS_HEADER_READ_TIMEOUT_SECS`).
+    pub header_read_timeout_secs: u64,
+    /// How long a request may take from its headers to the response's headers, reading its
+    /// body included, in seconds; beyond it `408` (`CPIS_REQUEST_TIMEOUT_SECS`). A response
+    /// body (a snapshot) then streams at the client's pace.
+    pub request_timeout_secs: u64,
     /// Largest accepted request body (council uploads), in bytes (`CPIS_MAX_UPLOAD_BYTES`).
     pub max_upload_bytes: usize,
     /// Largest accepted event batch body, in bytes (`CPIS_MAX_EVENT_BATCH_BYTES`); larger: 413.
@@ -88,6 +98,16 @@ pub struct SheddingConfig {
     /// Devices whose rate is tracked at once (memory bound, about 100 bytes each)
     /// (`CPIS_MAX_TRACKED_DEVICES`).
     pub max_tracked_devices: usize,
+    /// Requests handled at once that carry no credential the server knows (sign-in pages,
+    /// enrolment, bad or missing bearer tokens), apart from `max_concurrent_requests`, so
+    /// they can never starve tablets or signed-in councils (`CPIS_ANONYMOUS_CONCURRENT_REQUESTS`).
+    pub anonymous_concurrent_requests: usize,
+    /// Online confirmations (`/v1/device/confirm`) a device regains per minute; beyond its
+    /// burst: 429 (`CPIS_CONFIRM_PER_DEVICE_PER_MINUTE`). A stolen certificate cannot use
+    /// the national set as an oracle.
+    pub confirm_per_device_per_minute: u32,
+    /// Online confirmations a device may make in a burst (`CPIS_CONFIRM_BURST`).
+    pub confirm_burst: u32,
 }
 
 impl Default for SheddingConfig {
@@ -97,6 +117,9 @@ impl Default for SheddingConfig {
             device_requests_per_minute: 600,
             device_burst: 1200,
             max_tracked_devices: 200_000,
+            anonymous_concurrent_requests: 64,
+            confirm_per_device_per_minute: 4,
+            confirm_burst: 4,
         }
     }
 }
@@ -136,6 +159,9 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            header_read_timeout_secs: 10,
+            request_timeout_secs: 120,
             max_upload_bytes: 32 * 1024 * 1024,
             max_event_batch_bytes: 1024 * 1024,
             max_concurrent_requests: 1024,
@@ -207,6 +233,17 @@ impl Config {
     /// Applies `CPIS_*` overrides read through `get`.
     pub fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         env_parse("CPIS_LISTEN", get, &mut self.listen)?;
+        env_parse("CPIS_METRICS_LISTEN", get, &mut self.metrics_listen)?;
+        env_parse(
+            "CPIS_HEADER_READ_TIMEOUT_SECS",
+            get,
+            &mut self.header_read_timeout_secs,
+        )?;
+        env_parse(
+            "CPIS_REQUEST_TIMEOUT_SECS",
+            get,
+            &mut self.request_timeout_secs,
+        )?;
         env_parse("CPIS_MAX_UPLOAD_BYTES", get, &mut self.max_upload_bytes)?;
         env_parse(
             "CPIS_MAX_EVENT_BATCH_BYTES",
@@ -256,6 +293,17 @@ impl Config {
             get,
             &mut shed.max_tracked_devices,
         )?;
+        env_parse(
+            "CPIS_ANONYMOUS_CONCURRENT_REQUESTS",
+            get,
+            &mut shed.anonymous_concurrent_requests,
+        )?;
+        env_parse(
+            "CPIS_CONFIRM_PER_DEVICE_PER_MINUTE",
+            get,
+            &mut shed.confirm_per_device_per_minute,
+        )?;
+        env_parse("CPIS_CONFIRM_BURST", get, &mut shed.confirm_burst)?;
         Ok(())
     }
 
@@ -269,6 +317,13 @@ impl Config {
              \n\
              # Address to listen on (HTTPS only). CPIS_LISTEN\n\
              listen = \"{listen}\"\n\
+             # Prometheus /metrics (plain HTTP; per-council mailbox counts): keep it on loopback\n\
+             # or a private monitoring network, never the public one. CPIS_METRICS_LISTEN\n\
+             metrics_listen = \"{metrics}\"\n\
+             # Seconds a client may take to send a request's headers, and to send its body\n\
+             # and be answered (408 after). CPIS_HEADER_READ_TIMEOUT_SECS, CPIS_REQUEST_TIMEOUT_SECS\n\
+             header_read_timeout_secs = {hrt}\n\
+             request_timeout_secs = {rt}\n\
              # Largest accepted request body in bytes; larger uploads get 413. CPIS_MAX_UPLOAD_BYTES\n\
              max_upload_bytes = {mub}\n\
              # Largest access-event batch body in bytes (at most 500 events a batch); larger\n\
@@ -306,8 +361,18 @@ impl Config {
              device_requests_per_minute = {drpm}\n\
              device_burst = {db}\n\
              # Devices tracked at once (memory bound). CPIS_MAX_TRACKED_DEVICES\n\
-             max_tracked_devices = {mtd}\n",
+             max_tracked_devices = {mtd}\n\
+             # Requests in flight with no known credential (sign-in, enrolment, bad tokens), on\n\
+             # their own so they never starve tablets or councils. CPIS_ANONYMOUS_CONCURRENT_REQUESTS\n\
+             anonymous_concurrent_requests = {acr}\n\
+             # Online confirmations per device: a burst, refilled per minute; beyond it 429.\n\
+             # CPIS_CONFIRM_PER_DEVICE_PER_MINUTE, CPIS_CONFIRM_BURST\n\
+             confirm_per_device_per_minute = {cpm}\n\
+             confirm_burst = {cb}\n",
             listen = d.listen,
+            metrics = d.metrics_listen,
+            hrt = d.header_read_timeout_secs,
+            rt = d.request_timeout_secs,
             mub = d.max_upload_bytes,
             mebb = d.max_event_batch_bytes,
             mcr = d.max_concurrent_requests,
@@ -326,6 +391,9 @@ impl Config {
             drpm = d.load_shedding.device_requests_per_minute,
             db = d.load_shedding.device_burst,
             mtd = d.load_shedding.max_tracked_devices,
+            acr = d.load_shedding.anonymous_concurrent_requests,
+            cpm = d.load_shedding.confirm_per_device_per_minute,
+            cb = d.load_shedding.confirm_burst,
         )
     }
 }
@@ -361,6 +429,9 @@ mod tests {
                 "CPIS_DEVICE_REQUESTS_PER_MINUTE" => Some("30"),
                 "CPIS_DEVICE_BURST" => Some("6"),
                 "CPIS_MAX_TRACKED_DEVICES" => Some("99"),
+                "CPIS_ANONYMOUS_CONCURRENT_REQUESTS" => Some("5"),
+                "CPIS_CONFIRM_PER_DEVICE_PER_MINUTE" => Some("2"),
+                "CPIS_CONFIRM_BURST" => Some("3"),
                 _ => None,
             }
             .map(str::to_owned)
@@ -373,6 +444,9 @@ mod tests {
                 device_requests_per_minute: 30,
                 device_burst: 6,
                 max_tracked_devices: 99,
+                anonymous_concurrent_requests: 5,
+                confirm_per_device_per_minute: 2,
+                confirm_burst: 3,
             }
         );
         let err = c

@@ -112,10 +112,38 @@ pub fn format_age(d: Duration) -> String {
     }
 }
 
+/// Text a device sent (its name, its agent version) made safe to print on a terminal or in
+/// a tab-separated table: every control character (escape sequences, tabs, newlines,
+/// carriage returns, C1 controls) is shown as `\u{..}` instead of acting on the terminal.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn control_characters_in_device_text_are_shown_not_obeyed() {
+        assert_eq!(printable("Tablet 7"), "Tablet 7");
+        assert_eq!(
+            printable("evil\u{1b}]0;pwned\u{7}\u{1b}[2J\tx\ny\r\u{9b}"),
+            "evil\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{9}x\\u{a}y\\u{d}\\u{9b}"
+        );
+        assert_eq!(printable("Ambulance – Café"), "Ambulance – Café");
+    }
     use crate::store::{DeviceRecord, StoredReport};
     use cpis_protocol::{DeviceId, DeviceReport};
 

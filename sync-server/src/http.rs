@@ -1,5 +1,11 @@
 //! The HTTP API: routes, authentication, the single error-to-response mapping, metrics and
-//! load shedding. Handlers live in `http/`.
+//! load shedding. Handlers live in `http/`. `/metrics` is served by [`metrics_router`] on
+//! its own listener (loopback by default), never on the public one.
+//!
+//! Every API request passes, outermost first: [`record`] (metrics), [`credentials`] (is
+//! there a credential the server knows: client certificate or valid bearer token? — it
+//! decides which slot pool sheds the request), the shedder, then [`deadline`] (the whole
+//! request, reading its body included, within `request_timeout_secs`, else `408`).
 
 use std::sync::Arc;
 
@@ -87,13 +93,84 @@ pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
         .merge(pages::router(app.clone()))
         .fallback(ops::not_found)
         .layer(DefaultBodyLimit::max(64 * 1024))
-        .layer(middleware::from_fn_with_state(shed, crate::shed::layer));
+        .layer(middleware::from_fn_with_state(app.clone(), deadline::<S>))
+        .layer(middleware::from_fn_with_state(shed, crate::shed::layer))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            credentials::<S>,
+        ));
     Router::new()
         .route("/healthz", get(ops::healthz::<S>))
-        .route("/metrics", get(ops::metrics::<S>))
         .merge(api)
         .layer(middleware::from_fn_with_state(app.clone(), record::<S>))
         .with_state(app)
+}
+
+/// The `/metrics` listener's only route (plain HTTP, see `Config::metrics_listen`).
+pub fn metrics_router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics::<S>))
+        .fallback(ops::not_found)
+        .with_state(app)
+}
+
+/// A request that carries a credential the server knows: a client certificate (checked by
+/// TLS), or a council or trust admin bearer token valid now. Requests without one draw from
+/// the small anonymous pool of the shedder, so they can never starve tablets or councils.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentialed;
+
+/// Marks requests with a known credential ([`Credentialed`]); reads headers only.
+async fn credentials<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let device = matches!(
+        req.extensions().get::<crate::tls::ClientIdentity>(),
+        Some(crate::tls::ClientIdentity(Some(_)))
+    );
+    let known = device || {
+        let bearer = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(crate::tokens::hash);
+        match bearer {
+            None => false,
+            Some(hash) => {
+                let now = app.clock.now();
+                matches!(app.store.council_for_token(hash, now).await, Ok(Ok(_)))
+                    || matches!(app.store.trust_for_admin_token(hash, now).await, Ok(Ok(_)))
+            }
+        }
+    };
+    if known {
+        req.extensions_mut().insert(Credentialed);
+    }
+    next.run(req).await
+}
+
+/// Ends a request not answered within `request_timeout_secs` with `408`: a client that
+/// trickles its body (or a handler stuck) gives its slot back.
+async fn deadline<S: Store>(State(app): State<Arc<App<S>>>, req: Request, next: Next) -> Response {
+    let limit = std::time::Duration::from_secs(app.config.request_timeout_secs.max(1));
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            app.metrics.request_timeouts.inc();
+            ApiError::new(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                codes::REQUEST_TIMEOUT,
+                format!(
+                    "the request was not complete within {} s; send it again",
+                    limit.as_secs()
+                ),
+            )
+            .into_response()
+        }
+    }
 }
 
 async fn record<S: Store>(State(app): State<Arc<App<S>>>, req: Request, next: Next) -> Response {

@@ -12,7 +12,7 @@ use cpis_protocol::{CouncilCode, CouncilInfo, DeviceId, RegionId, TrustCode};
 use cpis_sync_server::clock::SystemClock;
 use cpis_sync_server::config::Config;
 use cpis_sync_server::server::{self, Server, ServerError};
-use cpis_sync_server::store::{NewEnrolmentToken, Store, StoreError};
+use cpis_sync_server::store::{NewEnrolmentToken, Store, StoreError, enrolment_token_id};
 use cpis_sync_server::{keys, pki, tokens};
 
 /// CP-IS Edge central sync server: takes councils' flag lists, serves each ambulance region a
@@ -85,21 +85,9 @@ enum Admin {
     /// Councils (the directory crews see) and their upload tokens.
     #[command(subcommand)]
     Council(CouncilCmd),
-    /// Create an enrolment token for tablets of a trust in a region; printed once.
-    EnrolmentToken {
-        /// The trust's ODS code, e.g. RX9.
-        #[arg(long, value_name = "ODS")]
-        trust: TrustCode,
-        /// The region the tablets will carry, e.g. EM.
-        #[arg(long, value_name = "ID")]
-        region: RegionId,
-        /// How many tablets may enrol with it.
-        #[arg(long, value_name = "N", default_value_t = 1)]
-        uses: u32,
-        /// How long it stays valid: a number with s, m, h or d (e.g. 30m, 24h, 7d).
-        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_ttl)]
-        ttl: Duration,
-    },
+    /// Create an enrolment token for tablets of a trust in a region (printed once, with its
+    /// id); `list` and `revoke` manage the tokens already made.
+    EnrolmentToken(EnrolmentTokenArgs),
     /// Enrolled tablets.
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -112,6 +100,43 @@ enum Admin {
     /// The server's TLS certificate and the certificate authorities.
     #[command(subcommand)]
     Tls(TlsCmd),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct EnrolmentTokenArgs {
+    #[command(subcommand)]
+    command: Option<EnrolmentTokenCmd>,
+    /// The trust's ODS code, e.g. RX9.
+    #[arg(long, value_name = "ODS", required = true)]
+    trust: Option<TrustCode>,
+    /// The region the tablets will carry, e.g. EM.
+    #[arg(long, value_name = "ID", required = true)]
+    region: Option<RegionId>,
+    /// How many tablets may enrol with it.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    uses: u32,
+    /// How long it stays valid: a number with s, m, h or d (e.g. 30m, 24h, 7d; at most 365d).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    ttl: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrolmentTokenCmd {
+    /// List enrolment tokens (never the secrets): id, trust, region, uses left, expiry,
+    /// state (live, used up, expired, revoked).
+    List {
+        /// Print JSON (`{"enrolment_tokens":[...]}`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an enrolment token: tablets can no longer enrol with it (`401
+    /// enrolment_token_revoked`). Tablets already enrolled are not affected.
+    Revoke {
+        /// The token's id, as printed when it was made and by `enrolment-token list`.
+        #[arg(long, value_name = "ID")]
+        token_id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,6 +206,17 @@ enum TrustCmd {
         /// The trust's ODS code, e.g. RX9.
         #[arg(long, value_name = "CODE")]
         trust: TrustCode,
+        /// Make it expire after this long (e.g. 90d, 12h; at most 365d). Default: valid
+        /// until revoked.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// Revoke every admin token of a trust: each is refused from now on (`401
+    /// token_revoked`) and every fleet-page session signed in with one ends at once.
+    RevokeTokens {
+        /// The trust's ODS code, e.g. RX9.
+        #[arg(long, value_name = "CODE")]
+        trust: TrustCode,
     },
 }
 
@@ -232,7 +268,19 @@ enum CouncilCmd {
         office_phone: Option<String>,
     },
     /// Create a new upload token for a council and print it once (only its hash is kept).
+    /// Earlier tokens stay valid: revoke them with `revoke-tokens` first to replace them.
     Token {
+        /// The council's ODS code.
+        #[arg(long, value_name = "ODS")]
+        ods: CouncilCode,
+        /// Make it expire after this long (e.g. 90d, 12h; at most 365d). Default: valid
+        /// until revoked.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// Revoke every token of a council: each is refused from now on on every route (`401
+    /// token_revoked`) and every inbox-page session signed in with one ends at once.
+    RevokeTokens {
         /// The council's ODS code.
         #[arg(long, value_name = "ODS")]
         ods: CouncilCode,
@@ -280,7 +328,7 @@ fn current_server_names(data_dir: &Path) -> anyhow::Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-fn parse_ttl(s: &str) -> Result<Duration, String> {
+fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
@@ -295,7 +343,7 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
     };
     if d <= Duration::zero() || d > Duration::days(365) {
-        return Err("the ttl must be more than zero and at most 365d".into());
+        return Err("the duration must be more than zero and at most 365d".into());
     }
     Ok(d)
 }
@@ -393,6 +441,7 @@ async fn serve(
     }
     let handle = Server::bind(data_dir, config, Arc::new(SystemClock)).await?;
     println!("listening on https://{}", handle.local_addr());
+    println!("metrics on http://{}/metrics", handle.metrics_addr());
     let token = handle.shutdown_token();
     let signals = async {
         #[cfg(unix)]
@@ -427,16 +476,27 @@ async fn admin(data_dir: &Path, config: Option<&Path>, command: Admin) -> anyhow
                 .map_err(classify)?;
             println!("added trust {ods} ({name})");
         }
-        Admin::Trust(TrustCmd::Token { trust }) => {
+        Admin::Trust(TrustCmd::Token { trust, expires }) => {
             let (token, hash) = tokens::new_secret(tokens::TRUST_ADMIN_PREFIX);
+            let expires_at = expires.map(|d| now + d);
             store
-                .add_trust_admin_token(trust.clone(), hash, now)
+                .add_trust_admin_token(trust.clone(), hash, now, expires_at)
                 .await
                 .map_err(classify)?;
             eprintln!(
-                "fleet page admin token for trust {trust} (shown once; only its hash is kept):"
+                "fleet page admin token for trust {trust}, {} (shown once; only its hash is kept):",
+                validity(expires_at)
             );
             println!("{token}");
+        }
+        Admin::Trust(TrustCmd::RevokeTokens { trust }) => {
+            let n = store
+                .revoke_trust_admin_tokens(trust.clone(), now)
+                .await
+                .map_err(classify)?;
+            println!(
+                "revoked {n} admin token(s) of trust {trust}; their fleet-page sessions are signed out"
+            );
         }
         Admin::Trust(TrustCmd::List) => {
             for t in store.trusts().await? {
@@ -507,14 +567,27 @@ async fn admin(data_dir: &Path, config: Option<&Path>, command: Admin) -> anyhow
                 .map_err(classify)?;
             println!("added council {ods} ({name}) to region {region}");
         }
-        Admin::Council(CouncilCmd::Token { ods }) => {
+        Admin::Council(CouncilCmd::Token { ods, expires }) => {
             let (token, hash) = tokens::new_secret(tokens::COUNCIL_PREFIX);
+            let expires_at = expires.map(|d| now + d);
             store
-                .add_council_token(ods.clone(), hash, now)
+                .add_council_token(ods.clone(), hash, now, expires_at)
                 .await
                 .map_err(classify)?;
-            eprintln!("upload token for council {ods} (shown once; only its hash is kept):");
+            eprintln!(
+                "upload token for council {ods}, {} (shown once; only its hash is kept):",
+                validity(expires_at)
+            );
             println!("{token}");
+        }
+        Admin::Council(CouncilCmd::RevokeTokens { ods }) => {
+            let n = store
+                .revoke_council_tokens(ods.clone(), now)
+                .await
+                .map_err(classify)?;
+            println!(
+                "revoked {n} token(s) of council {ods}; its inbox-page sessions are signed out"
+            );
         }
         Admin::Council(CouncilCmd::List) => {
             for c in store.councils().await? {
@@ -528,12 +601,35 @@ async fn admin(data_dir: &Path, config: Option<&Path>, command: Admin) -> anyhow
                 );
             }
         }
-        Admin::EnrolmentToken {
+        Admin::EnrolmentToken(EnrolmentTokenArgs {
+            command: Some(EnrolmentTokenCmd::List { json }),
+            ..
+        }) => print_enrolment_tokens(&store, now, json).await?,
+        Admin::EnrolmentToken(EnrolmentTokenArgs {
+            command: Some(EnrolmentTokenCmd::Revoke { token_id }),
+            ..
+        }) => {
+            let id = token_id.trim().to_ascii_lowercase();
+            if store
+                .revoke_enrolment_token(id.clone(), now)
+                .await
+                .map_err(classify)?
+            {
+                println!("revoked enrolment token {id}; no tablet can enrol with it now");
+            } else {
+                println!("enrolment token {id} was already revoked");
+            }
+        }
+        Admin::EnrolmentToken(EnrolmentTokenArgs {
+            command: None,
             trust,
             region,
             uses,
             ttl,
-        } => {
+        }) => {
+            let (Some(trust), Some(region)) = (trust, region) else {
+                return Err(BadInput("--trust and --region are required".into()).into());
+            };
             if uses == 0 {
                 return Err(BadInput("--uses must be at least 1".into()).into());
             }
@@ -553,8 +649,9 @@ async fn admin(data_dir: &Path, config: Option<&Path>, command: Admin) -> anyhow
                 .await
                 .map_err(classify)?;
             eprintln!(
-                "enrolment token for trust {trust}, region {region}: {uses} use(s), expires \
+                "enrolment token {} for trust {trust}, region {region}: {uses} use(s), expires \
                  {} (shown once):",
+                enrolment_token_id(&hash),
                 expires_at.format("%Y-%m-%d %H:%M UTC")
             );
             println!("{token}");
@@ -717,6 +814,70 @@ async fn admin(data_dir: &Path, config: Option<&Path>, command: Admin) -> anyhow
     Ok(())
 }
 
+/// How long a new bearer token is valid, in words.
+fn validity(expires_at: Option<chrono::DateTime<Utc>>) -> String {
+    expires_at.map_or_else(
+        || "valid until revoked".to_owned(),
+        |t| format!("expires {}", t.format("%Y-%m-%d %H:%M UTC")),
+    )
+}
+
+/// `admin enrolment-token list`: every token (never its secret) as a table or JSON.
+async fn print_enrolment_tokens(
+    store: &impl Store,
+    now: chrono::DateTime<Utc>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let list = store.enrolment_tokens().await?;
+    let state = |t: &cpis_sync_server::store::EnrolmentTokenInfo| {
+        if t.revoked_at.is_some() {
+            "revoked"
+        } else if t.expires_at <= now {
+            "expired"
+        } else if t.uses_left == 0 {
+            "used-up"
+        } else {
+            "live"
+        }
+    };
+    if json {
+        let rows: Vec<serde_json::Value> = list
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "id": t.id,
+                    "trust": t.trust,
+                    "region": t.region,
+                    "uses_left": t.uses_left,
+                    "created_at": t.created_at,
+                    "expires_at": t.expires_at,
+                    "revoked_at": t.revoked_at,
+                    "state": state(t),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "enrolment_tokens": rows }))?
+        );
+        return Ok(());
+    }
+    println!("ID\tTRUST\tREGION\tUSES LEFT\tCREATED\tEXPIRES\tSTATE");
+    for t in &list {
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            t.id,
+            t.trust,
+            t.region,
+            t.uses_left,
+            t.created_at.format("%Y-%m-%d %H:%M"),
+            t.expires_at.format("%Y-%m-%d %H:%M"),
+            state(t)
+        );
+    }
+    Ok(())
+}
+
 /// `admin device list`: the fleet view as a table or JSON.
 async fn print_fleet(
     store: &impl Store,
@@ -724,7 +885,7 @@ async fn print_fleet(
     now: chrono::DateTime<Utc>,
     json: bool,
 ) -> anyhow::Result<()> {
-    use cpis_sync_server::fleet::{self, format_age};
+    use cpis_sync_server::fleet::{self, format_age, printable};
     let rows = fleet::view(store.fleet().await?, policy, now);
     let fmt = |t: Option<chrono::DateTime<Utc>>| {
         t.map_or_else(
@@ -785,7 +946,7 @@ async fn print_fleet(
         println!(
             "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             d.id,
-            d.name.as_deref().unwrap_or("-"),
+            printable(d.name.as_deref().unwrap_or("-")),
             d.trust,
             d.region,
             r.status.as_str(),
@@ -796,7 +957,7 @@ async fn print_fleet(
                 || "-".to_owned(),
                 |p| format!("{}/{}", p.outbox_pending, p.outbox_set_aside)
             ),
-            d.agent_version,
+            printable(&d.agent_version),
             r.last_seen.map_or_else(
                 || "never".to_owned(),
                 |t| t.format("%Y-%m-%d %H:%M").to_string()

@@ -63,6 +63,9 @@ pub struct Metrics {
     pub(crate) confirmations: Family<ConfirmLabels, Counter>,
     pub(crate) shed_requests: Family<ShedLabels, Counter>,
     pub(crate) requests_in_flight: Gauge,
+    pub(crate) anonymous_in_flight: Gauge,
+    pub(crate) confirmations_refused: Counter,
+    pub(crate) request_timeouts: Counter,
 }
 
 impl Default for Metrics {
@@ -172,8 +175,31 @@ impl Metrics {
             "API requests being handled (at most max_concurrent_requests)",
             requests_in_flight.clone(),
         );
+        let anonymous_in_flight = Gauge::default();
+        registry.register(
+            "anonymous_requests_in_flight",
+            "Requests without a known credential being handled (at most \
+             anonymous_concurrent_requests)",
+            anonymous_in_flight.clone(),
+        );
+        let confirmations_refused = Counter::default();
+        registry.register(
+            "online_confirmations_refused",
+            "Online confirmations refused 429 because one device asked more often than \
+             confirm_per_device_per_minute",
+            confirmations_refused.clone(),
+        );
+        let request_timeouts = Counter::default();
+        registry.register(
+            "request_timeouts",
+            "Requests answered 408 because they were not complete within request_timeout_secs",
+            request_timeouts.clone(),
+        );
         Self {
             registry,
+            anonymous_in_flight,
+            confirmations_refused,
+            request_timeouts,
             requests,
             uploads,
             upload_changes,

@@ -97,6 +97,7 @@ pub struct Server;
 #[derive(Debug)]
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    metrics_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), ServerError>>,
     store: SqliteStore,
@@ -119,6 +120,16 @@ impl Server {
                 source,
             })?;
         let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+        let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.metrics_listen,
+                source,
+            })?;
+        let metrics_addr = metrics_listener.local_addr().map_err(ServerError::Serve)?;
+        if !metrics_addr.ip().is_loopback() {
+            tracing::warn!(%metrics_addr, "/metrics is served beyond loopback: keep that network private");
+        }
         // The key chain, not the key file, decides which key signs (see `keys`).
         let signing_key = crate::keys::current_key(data_dir, &store).await?;
         let feed = Feed::new(
@@ -138,11 +149,26 @@ impl Server {
             config,
         });
         let router = http::router(app.clone());
+        let metrics_router = http::metrics_router(app.clone());
+        let options = crate::tls::ServeOptions {
+            header_read_timeout: std::time::Duration::from_secs(
+                app.config.header_read_timeout_secs.max(1),
+            ),
+            ..crate::tls::ServeOptions::default()
+        };
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let token = shutdown.clone();
         tasks.spawn(async move {
-            crate::tls::serve(listener, tls, router, token)
+            crate::tls::serve_with_options(listener, tls, router, token, options)
+                .await
+                .map_err(ServerError::Serve)
+        });
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            tracing::info!(%metrics_addr, "serving /metrics (plain HTTP)");
+            axum::serve(metrics_listener, metrics_router)
+                .with_graceful_shutdown(token.cancelled_owned())
                 .await
                 .map_err(ServerError::Serve)
         });
@@ -151,6 +177,7 @@ impl Server {
         tracing::info!(%local_addr, "cpis-sync-server started");
         Ok(ServerHandle {
             local_addr,
+            metrics_addr,
             shutdown,
             tasks,
             store,
@@ -201,6 +228,11 @@ impl ServerHandle {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound address of the `/metrics` listener (plain HTTP).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// The server's store (tests and tools).

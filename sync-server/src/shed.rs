@@ -28,8 +28,22 @@
 //!   then gets the 503. Waiting requests hold no slot; there are at most as many as devices
 //!   served in the last 5 s. New devices are turned away at once.
 //!
-//! Both are counted in `cpis_shed_requests_total{reason="rate_limited"|"overloaded"}`;
-//! `cpis_requests_in_flight` is the number of requests holding a slot.
+//! * **Anonymous requests apart.** A request with no credential the server knows (no client
+//!   certificate, no valid council or trust admin bearer token: sign-in pages, enrolment, bad
+//!   tokens; see `http::Credentialed`) takes a slot of its own small pool,
+//!   `anonymous_concurrent_requests`, never one of `max_concurrent_requests`. A thousand
+//!   slow or hostile anonymous clients fill only that pool (then get 503 at once); tablets and
+//!   signed-in councils are served as before.
+//! * **Online confirmation per device, `429 rate_limited`.** `/v1/device/confirm` asks the
+//!   national set about one NHS number: a stolen certificate must not make it an oracle. Each
+//!   device has a second bucket for it alone, `confirm_burst` refilled at
+//!   `confirm_per_device_per_minute` (default 4 a minute); beyond it 429 with `Retry-After`,
+//!   counted in `cpis_online_confirmations_refused_total`. The agent then answers from its
+//!   own data, naming the region it covers.
+//!
+//! All are counted in `cpis_shed_requests_total{reason="rate_limited"|"overloaded"|
+//! "anonymous_overloaded"|"confirm_rate_limited"}`; `cpis_requests_in_flight` and
+//! `cpis_anonymous_requests_in_flight` are the requests holding a slot of each pool.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,7 +57,7 @@ use rand::Rng as _;
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, SheddingConfig};
-use crate::http::ApiError;
+use crate::http::{ApiError, Credentialed};
 use crate::metrics::{Metrics, ShedLabels};
 use crate::tls::ClientIdentity;
 
@@ -60,6 +74,10 @@ pub const SESSION_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Shedder {
     permits: Arc<Semaphore>,
+    /// The pool of requests without a known credential.
+    anonymous: Arc<Semaphore>,
+    /// Online confirmations per device (`None`: no limit).
+    confirms: Option<Mutex<DeviceLimiter>>,
     /// When each device last had a request admitted (bounded like the rate limiter).
     sessions: Mutex<HashMap<DeviceId, Instant>>,
     max_sessions: usize,
@@ -74,6 +92,13 @@ impl Shedder {
         let s = &config.load_shedding;
         Self {
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
+            anonymous: Arc::new(Semaphore::new(s.anonymous_concurrent_requests.max(1))),
+            confirms: DeviceLimiter::with_rate(
+                s.confirm_per_device_per_minute,
+                s.confirm_burst,
+                s.max_tracked_devices,
+            )
+            .map(Mutex::new),
             sessions: Mutex::new(HashMap::new()),
             max_sessions: s.max_tracked_devices.max(1),
             window: Mutex::new(Window::new(Instant::now())),
@@ -86,6 +111,15 @@ impl Shedder {
     /// Takes one request of `device` from its bucket; `Err(wait)` when it has none.
     pub fn check_device(&self, device: DeviceId, now: Instant) -> Result<(), Duration> {
         match &self.devices {
+            None => Ok(()),
+            Some(d) => lock(d).take(device, now),
+        }
+    }
+
+    /// Takes one online confirmation of `device` from its bucket; `Err(wait)` when it has
+    /// none.
+    pub fn check_confirm(&self, device: DeviceId, now: Instant) -> Result<(), Duration> {
+        match &self.confirms {
             None => Ok(()),
             Some(d) => lock(d).take(device, now),
         }
@@ -147,6 +181,27 @@ pub async fn layer(State(shed): State<Arc<Shedder>>, req: Request, next: Next) -
     {
         shed.count("rate_limited");
         return ApiError::rate_limited(wait).into_response();
+    }
+    if let Some(device) = device
+        && req.uri().path() == cpis_protocol::confirm::PATH
+        && let Err(wait) = shed.check_confirm(device, now)
+    {
+        shed.count("confirm_rate_limited");
+        shed.metrics.confirmations_refused.inc();
+        tracing::warn!(%device, "online confirmation refused: over the device's rate");
+        return ApiError::rate_limited(wait).into_response();
+    }
+    if req.extensions().get::<Credentialed>().is_none() {
+        // No credential the server knows: the anonymous pool only, never a device's slot.
+        let Ok(permit) = shed.anonymous.clone().try_acquire_owned() else {
+            shed.count("anonymous_overloaded");
+            return ApiError::overloaded(shed.shed_retry_after(Instant::now())).into_response();
+        };
+        shed.metrics.anonymous_in_flight.inc();
+        let response = next.run(req).await;
+        shed.metrics.anonymous_in_flight.dec();
+        drop(permit);
+        return response;
     }
     let permit = match shed.permits.clone().try_acquire_owned() {
         Ok(permit) => Some(permit),
@@ -243,13 +298,22 @@ struct Bucket {
 impl DeviceLimiter {
     /// `None` when the per-device limit is off (`device_requests_per_minute = 0`).
     fn new(s: &SheddingConfig) -> Option<Self> {
-        if s.device_requests_per_minute == 0 {
+        Self::with_rate(
+            s.device_requests_per_minute,
+            s.device_burst,
+            s.max_tracked_devices,
+        )
+    }
+
+    /// Buckets of `burst` refilled at `per_minute`; `None` when `per_minute` is 0 (no limit).
+    fn with_rate(per_minute: u32, burst: u32, max_devices: usize) -> Option<Self> {
+        if per_minute == 0 {
             return None;
         }
         Some(Self {
-            burst: f64::from(s.device_burst.max(1)),
-            per_sec: f64::from(s.device_requests_per_minute) / 60.0,
-            max_devices: s.max_tracked_devices.max(1),
+            burst: f64::from(burst.max(1)),
+            per_sec: f64::from(per_minute) / 60.0,
+            max_devices: max_devices.max(1),
             buckets: HashMap::new(),
             last_reset_log: None,
         })

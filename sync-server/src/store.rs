@@ -115,12 +115,35 @@ pub struct NewEnrolmentToken {
     pub expires_at: DateTime<Utc>,
 }
 
-/// Why an enrolment token was not accepted.
+/// Why a bearer credential (enrolment token, council token, trust admin token) was not
+/// accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenRefusal {
     Unknown,
+    /// An enrolment token with no uses left.
     UsedUp,
     Expired,
+    /// Revoked by an administrator.
+    Revoked,
+}
+
+/// An enrolment token as `admin enrolment-token list` shows it (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrolmentTokenInfo {
+    /// [`enrolment_token_id`]: what `admin enrolment-token revoke --token-id` takes.
+    pub id: String,
+    pub trust: TrustCode,
+    pub region: RegionId,
+    pub uses_left: u32,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// An enrolment token's public id: the first 16 hex digits of its stored SHA-256 hash, so
+/// it names the token without revealing it.
+pub fn enrolment_token_id(hash: &[u8]) -> String {
+    hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// A device to record at enrolment.
@@ -184,6 +207,9 @@ pub enum EventSource {
     Upload,
     /// `POST /v1/device/confirm` (an online check; the event carries the server's answer).
     Confirm,
+    /// `POST /v1/device/events` from a device already revoked: the outbox it sends before
+    /// it wipes itself, so no notice is lost to the revocation (recorded as such).
+    AfterRevocation,
 }
 
 impl EventSource {
@@ -192,6 +218,7 @@ impl EventSource {
         match self {
             EventSource::Upload => "upload",
             EventSource::Confirm => "confirm",
+            EventSource::AfterRevocation => "after_revocation",
         }
     }
 }
@@ -375,19 +402,30 @@ pub trait Store: Send + Sync + 'static {
     fn add_council(&self, info: CouncilInfo)
     -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Records a council bearer token (by its SHA-256 hash).
+    /// Records a council bearer token (by its SHA-256 hash), valid until `expires_at` (or
+    /// until revoked). `Missing` for an unknown council.
     fn add_council_token(
         &self,
         council: CouncilCode,
         hash: [u8; 32],
         now: DateTime<Utc>,
+        expires_at: Option<DateTime<Utc>>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The council a token hash belongs to.
+    /// The council a token hash belongs to at `now`, or why it is refused.
     fn council_for_token(
         &self,
         hash: [u8; 32],
-    ) -> impl Future<Output = Result<Option<CouncilCode>, StoreError>> + Send;
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Result<CouncilCode, TokenRefusal>, StoreError>> + Send;
+
+    /// Revokes every token of a council; returns how many were live. `Missing` for an
+    /// unknown council.
+    fn revoke_council_tokens(
+        &self,
+        council: CouncilCode,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Validates the whole upload elsewhere; this reconciles it against the council's
     /// current flags and applies the changes, all in one transaction.
@@ -455,6 +493,19 @@ pub trait Store: Send + Sync + 'static {
         hash: [u8; 32],
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<Result<(TrustCode, RegionId), TokenRefusal>, StoreError>> + Send;
+
+    /// Every enrolment token, newest first.
+    fn enrolment_tokens(
+        &self,
+    ) -> impl Future<Output = Result<Vec<EnrolmentTokenInfo>, StoreError>> + Send;
+
+    /// Revokes the enrolment token with this [`enrolment_token_id`]; `false` when it was
+    /// already revoked, `Missing` when there is none.
+    fn revoke_enrolment_token(
+        &self,
+        id: String,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Atomically uses one use of the token and records the device.
     fn enrol_device(
@@ -612,19 +663,30 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<UploadAttempt>, StoreError>> + Send;
 
-    /// Records a trust admin token (by its SHA-256 hash). `Missing` for an unknown trust.
+    /// Records a trust admin token (by its SHA-256 hash), valid until `expires_at` (or until
+    /// revoked). `Missing` for an unknown trust.
     fn add_trust_admin_token(
         &self,
         trust: TrustCode,
         hash: [u8; 32],
         now: DateTime<Utc>,
+        expires_at: Option<DateTime<Utc>>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The trust an admin token hash belongs to.
+    /// The trust an admin token hash belongs to at `now`, or why it is refused.
     fn trust_for_admin_token(
         &self,
         hash: [u8; 32],
-    ) -> impl Future<Output = Result<Option<TrustCode>, StoreError>> + Send;
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Result<TrustCode, TokenRefusal>, StoreError>> + Send;
+
+    /// Revokes every admin token of a trust; returns how many were live. `Missing` for an
+    /// unknown trust.
+    fn revoke_trust_admin_tokens(
+        &self,
+        trust: TrustCode,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// One trust's devices with their latest reports, newest enrolment first.
     fn trust_fleet(

@@ -77,6 +77,7 @@ impl Env {
         server::init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
         configure(&mut config);
@@ -109,7 +110,7 @@ impl Env {
             .await
             .unwrap();
             let (token, hash) = tokens::new_secret(tokens::COUNCIL_PREFIX);
-            s.add_council_token(code.parse().unwrap(), hash, now)
+            s.add_council_token(code.parse().unwrap(), hash, now, None)
                 .await
                 .unwrap();
             council_tokens.push((code.to_owned(), token));
@@ -140,7 +141,7 @@ impl Env {
         .await
         .unwrap();
         let (token, hash) = tokens::new_secret(tokens::COUNCIL_PREFIX);
-        s.add_council_token(code.parse().unwrap(), hash, self.now())
+        s.add_council_token(code.parse().unwrap(), hash, self.now(), None)
             .await
             .unwrap();
         self.council_tokens.push((code.to_owned(), token));
@@ -268,12 +269,13 @@ pub(crate) async fn current_snapshot(
 /// Reads a Prometheus counter of the server (0 when absent): the first sample whose line
 /// starts with `name{` and contains every label in `labels`.
 pub(crate) async fn metric(env: &Env, name: &str, labels: &[&str]) -> u64 {
+    // `/metrics` is on its own plain-HTTP loopback listener.
     let client = reqwest::Client::builder()
         .tls_backend_preconfigured(cpis_agent::net::tls_config(&env.ca, None).unwrap())
         .build()
         .unwrap();
     let text = client
-        .get(format!("{}/metrics", env.base))
+        .get(format!("http://{}/metrics", env.handle.metrics_addr()))
         .send()
         .await
         .unwrap()

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cpis_protocol::CouncilCode;
@@ -34,9 +35,11 @@ pub(crate) async fn authorise<S: Store>(
         .ok_or_else(|| {
             ApiError::unauthorised("send the council's token as `Authorization: Bearer TOKEN`")
         })?;
-    let Some(council) = app.store.council_for_token(tokens::hash(token)).await? else {
-        return Err(ApiError::unauthorised("the token is not known"));
-    };
+    let council = app
+        .store
+        .council_for_token(tokens::hash(token), app.clock.now())
+        .await?
+        .map_err(ApiError::bearer_refused)?;
     // The path must name the token's own council; anything else is refused the same way
     // whether or not that council exists.
     if ods.trim() != council.as_str() {
@@ -45,6 +48,28 @@ pub(crate) async fn authorise<S: Store>(
         )));
     }
     Ok(council)
+}
+
+/// A council authenticated from the request's headers alone (its bearer token, for the
+/// council named in the path), before any body is read: an unauthenticated client cannot
+/// make the server read (or wait for) a 32 MiB upload.
+#[derive(Debug)]
+pub(crate) struct AuthedCouncil(pub(crate) CouncilCode);
+
+impl<S: Store> FromRequestParts<Arc<App<S>>> for AuthedCouncil {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App<S>>,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(ods) = Path::<String>::from_request_parts(parts, app)
+            .await
+            .map_err(|e| ApiError::bad_request("bad_path", e.body_text()))?;
+        authorise(app, &parts.headers, &ods)
+            .await
+            .map(AuthedCouncil)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,12 +81,10 @@ pub(crate) struct UploadQuery {
 /// `POST /v1/councils/{ods}/uploads`.
 pub(crate) async fn upload<S: Store>(
     State(app): State<Arc<App<S>>>,
-    Path(ods): Path<String>,
+    AuthedCouncil(council): AuthedCouncil,
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let council = authorise(&app, &headers, &ods).await?;
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let now = app.clock.now();
     let body = match body {

@@ -42,6 +42,11 @@ fn refusal(r: TokenRefusal) -> ApiError {
             codes::TOKEN_EXPIRED,
             "the enrolment token has expired; ask trust IT for a new one",
         ),
+        TokenRefusal::Revoked => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::ENROLMENT_TOKEN_REVOKED,
+            "the enrolment token has been revoked; ask trust IT for a new one",
+        ),
     }
 }
 
@@ -103,9 +108,15 @@ pub(crate) async fn enrol<S: Store>(
     }))
 }
 
-/// A device authenticated by its client certificate, looked up on every request.
+/// A device authenticated by its client certificate, looked up on every request; a revoked
+/// device is refused (`403 device_revoked`, `wipe: true`).
 #[derive(Debug)]
 pub(crate) struct AuthedDevice(pub(crate) DeviceRecord);
+
+/// A device authenticated by its client certificate, revoked or not: only the access-event
+/// upload takes it, so that a revoked tablet can still deliver its outbox before it wipes.
+#[derive(Debug)]
+pub(crate) struct DeviceEvenRevoked(pub(crate) DeviceRecord);
 
 impl<S: Store> FromRequestParts<Arc<App<S>>> for AuthedDevice {
     type Rejection = ApiError;
@@ -114,40 +125,67 @@ impl<S: Store> FromRequestParts<Arc<App<S>>> for AuthedDevice {
         parts: &mut Parts,
         app: &Arc<App<S>>,
     ) -> Result<Self, Self::Rejection> {
-        let cert_required =
-            |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, codes::CLIENT_CERT_REQUIRED, m);
-        let Some(ClientIdentity(Some(id))) = parts.extensions.get::<ClientIdentity>().copied()
-        else {
-            return Err(cert_required(
-                "device endpoints need the client certificate issued at enrolment",
-            ));
-        };
-        let Some(device) = app.store.device(id).await? else {
-            return Err(cert_required(
-                "the client certificate's device is not enrolled",
-            ));
-        };
+        let device = authenticate(parts, app).await?;
         if device.revoked_at.is_some() {
-            let mut err = ApiError::new(
-                StatusCode::FORBIDDEN,
-                codes::DEVICE_REVOKED,
-                "this device has been revoked: erase its data",
-            );
-            err.body.error.wipe = true;
-            tracing::warn!(device = %id, "revoked device refused");
-            return Err(err);
-        }
-        let now = app.clock.now();
-        crate::keys::refresh(&app.feed, &app.data_dir, &app.store, now).await;
-        if device
-            .last_seen
-            .is_none_or(|seen| now - seen >= TOUCH_INTERVAL)
-            && let Err(e) = app.store.touch_device(id, now).await
-        {
-            tracing::warn!(device = %id, error = %e, "recording last_seen failed");
+            tracing::warn!(device = %device.id, "revoked device refused");
+            return Err(revoked());
         }
         Ok(AuthedDevice(device))
     }
+}
+
+impl<S: Store> FromRequestParts<Arc<App<S>>> for DeviceEvenRevoked {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App<S>>,
+    ) -> Result<Self, Self::Rejection> {
+        authenticate(parts, app).await.map(DeviceEvenRevoked)
+    }
+}
+
+/// The answer to a revoked device on every route but the event upload.
+pub(crate) fn revoked() -> ApiError {
+    let mut err = ApiError::new(
+        StatusCode::FORBIDDEN,
+        codes::DEVICE_REVOKED,
+        "this device has been revoked: send the pending access events, then erase its data",
+    );
+    err.body.error.wipe = true;
+    err
+}
+
+/// The enrolled device of the request's client certificate (revoked or not); records when
+/// it was last seen.
+async fn authenticate<S: Store>(
+    parts: &Parts,
+    app: &Arc<App<S>>,
+) -> Result<DeviceRecord, ApiError> {
+    let cert_required =
+        |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, codes::CLIENT_CERT_REQUIRED, m);
+    let Some(ClientIdentity(Some(id))) = parts.extensions.get::<ClientIdentity>().copied() else {
+        return Err(cert_required(
+            "device endpoints need the client certificate issued at enrolment",
+        ));
+    };
+    let Some(device) = app.store.device(id).await? else {
+        return Err(cert_required(
+            "the client certificate's device is not enrolled",
+        ));
+    };
+    let now = app.clock.now();
+    if device.revoked_at.is_none() {
+        crate::keys::refresh(&app.feed, &app.data_dir, &app.store, now).await;
+    }
+    if device
+        .last_seen
+        .is_none_or(|seen| now - seen >= TOUCH_INTERVAL)
+        && let Err(e) = app.store.touch_device(id, now).await
+    {
+        tracing::warn!(device = %id, error = %e, "recording last_seen failed");
+    }
+    Ok(device)
 }
 
 fn octet(body: impl Into<Body>) -> Response {

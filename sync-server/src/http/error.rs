@@ -35,6 +35,25 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, codes::UNAUTHORISED, message)
     }
 
+    /// A council or trust admin token refused (`401`, with a code saying why).
+    pub fn bearer_refused(refusal: crate::store::TokenRefusal) -> Self {
+        use crate::store::TokenRefusal;
+        let (code, message) = match refusal {
+            TokenRefusal::Revoked => (
+                codes::BEARER_REVOKED,
+                "the token has been revoked; ask for a new one",
+            ),
+            TokenRefusal::Expired => (
+                codes::BEARER_EXPIRED,
+                "the token has expired; ask for a new one",
+            ),
+            TokenRefusal::Unknown | TokenRefusal::UsedUp => {
+                (codes::UNAUTHORISED, "the token is not known")
+            }
+        };
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, codes::FORBIDDEN, message)
     }

@@ -14,7 +14,7 @@ use cpis_protocol::local::{CouncilContact, FlagView};
 use cpis_protocol::{AccessEvent, EventUploadAck, Freshness, LookupResult, retained_until};
 use serde::Deserialize;
 
-use super::device::AuthedDevice;
+use super::device::{AuthedDevice, DeviceEvenRevoked};
 use super::{ApiError, App};
 use crate::ingest::{self, Caller};
 use crate::metrics::{ConfirmLabels, EventLabels};
@@ -99,10 +99,12 @@ async fn store_events<S: Store>(
     Ok(outcomes)
 }
 
-/// `POST /v1/device/events`: JSON `EventBatch` → `EventUploadAck`, after commit.
+/// `POST /v1/device/events`: JSON `EventBatch` → `EventUploadAck`, after commit. The one
+/// route a revoked device may still use: its outbox is delivered (and recorded as sent
+/// after revocation) rather than lost when it wipes.
 pub(crate) async fn upload<S: Store>(
     State(app): State<Arc<App<S>>>,
-    AuthedDevice(device): AuthedDevice,
+    DeviceEvenRevoked(device): DeviceEvenRevoked,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<EventUploadAck>, ApiError> {
     let body = body_or_413(&app, body)?;
@@ -120,6 +122,12 @@ pub(crate) async fn upload<S: Store>(
         ));
     }
     let now = app.clock.now();
+    let source = if device.revoked_at.is_some() {
+        tracing::warn!(device = %device.id, events = batch.events.len(), "access events from a revoked device");
+        EventSource::AfterRevocation
+    } else {
+        EventSource::Upload
+    };
     let checked = ingest::check_batch(batch.events, &caller(&device), now)
         .map_err(|e| ApiError::bad_request("bad_batch", e.to_string()))?;
     if !checked.rejected.is_empty() {
@@ -127,7 +135,7 @@ pub(crate) async fn upload<S: Store>(
             .events
             .get_or_create(&EventLabels {
                 outcome: "rejected",
-                source: EventSource::Upload.as_str(),
+                source: source.as_str(),
             })
             .inc_by(checked.rejected.len() as u64);
         tracing::warn!(
@@ -138,7 +146,7 @@ pub(crate) async fn upload<S: Store>(
     let outcomes = store_events(
         &app,
         &device,
-        EventSource::Upload,
+        source,
         checked.accepted,
         checked.refused,
         now,

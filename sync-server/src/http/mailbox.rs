@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, State};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cpis_protocol::mailbox::{
@@ -14,7 +13,7 @@ use cpis_protocol::mailbox::{
 };
 use serde::Deserialize;
 
-use super::council::authorise;
+use super::council::AuthedCouncil;
 use super::{ApiError, App};
 use crate::store::Store;
 
@@ -42,11 +41,9 @@ pub(crate) struct ListQuery {
 /// `GET /v1/councils/{ods}/notifications?after=CURSOR&limit=N`.
 pub(crate) async fn list<S: Store>(
     State(app): State<Arc<App<S>>>,
-    Path(ods): Path<String>,
+    AuthedCouncil(council): AuthedCouncil,
     query: Result<Query<ListQuery>, QueryRejection>,
-    headers: HeaderMap,
 ) -> Result<Json<NotificationPage>, ApiError> {
-    let council = authorise(&app, &headers, &ods).await?;
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
@@ -84,11 +81,9 @@ pub(crate) async fn list<S: Store>(
 /// `POST /v1/councils/{ods}/notifications/ack` `{ids:[...]}` → `{acknowledged:N}`.
 pub(crate) async fn ack<S: Store>(
     State(app): State<Arc<App<S>>>,
-    Path(ods): Path<String>,
-    headers: HeaderMap,
+    AuthedCouncil(council): AuthedCouncil,
     body: Result<Json<AckRequest>, JsonRejection>,
 ) -> Result<Json<AckResponse>, ApiError> {
-    let council = authorise(&app, &headers, &ods).await?;
     let Json(request) = body.map_err(|e| ApiError::bad_request("bad_request", e.body_text()))?;
     if request.ids.len() > MAX_LIMIT as usize {
         return Err(ApiError::bad_request(

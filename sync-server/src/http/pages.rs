@@ -42,6 +42,8 @@ pub(crate) const CSP: &str = "default-src 'none'; style-src 'self' 'unsafe-inlin
 pub(crate) struct CouncilUser {
     pub(crate) code: CouncilCode,
     pub(crate) name: String,
+    /// The hash of the token signed in with: checked again on every request.
+    pub(crate) token: [u8; 32],
 }
 
 /// A trust administrator signed in to the fleet page.
@@ -49,6 +51,8 @@ pub(crate) struct CouncilUser {
 pub(crate) struct TrustUser {
     pub(crate) code: TrustCode,
     pub(crate) name: String,
+    /// The hash of the token signed in with: checked again on every request.
+    pub(crate) token: [u8; 32],
 }
 
 /// What the page handlers share.

@@ -20,15 +20,16 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    AuditEntry, DeviceRecord, EventId, EventIngest, FleetEntry, IngestOutcome, KeyRolloverRecord,
-    LogRetention, MailboxStats, NationalLookup, NewDevice, NewEnrolmentToken, RefusedUpload,
-    RegionChanges, RegionHead, RegionRecord, RegionSnapshot, Store, StoreError, StoredEvent,
-    TokenRefusal, TrustRecord, UploadAttempt, UploadOutcome,
+    AuditEntry, DeviceRecord, EnrolmentTokenInfo, EventId, EventIngest, FleetEntry, IngestOutcome,
+    KeyRolloverRecord, LogRetention, MailboxStats, NationalLookup, NewDevice, NewEnrolmentToken,
+    RefusedUpload, RegionChanges, RegionHead, RegionRecord, RegionSnapshot, Store, StoreError,
+    StoredEvent, TokenRefusal, TrustRecord, UploadAttempt, UploadOutcome,
 };
 use crate::reconcile;
 use cpis_protocol::mailbox::{Notification, NotificationId};
 use cpis_protocol::{RecentContact, SubjectContacts};
 
+mod credentials;
 mod events;
 mod lifecycle;
 mod pages;
@@ -91,7 +92,12 @@ CREATE TABLE devices (
     events::MIGRATION,
     lifecycle::MIGRATION,
     pages::MIGRATION,
+    credentials::MIGRATION,
 ];
+
+/// Where the owners of council and trust admin tokens live: (table, key column, what).
+const COUNCIL_OWNER: (&str, &str, &str) = ("councils", "code", "council");
+const TRUST_OWNER: (&str, &str, &str) = ("trusts", "code", "trust");
 
 /// Jobs the writer batches into one transaction.
 const MAX_BATCH: usize = 64;
@@ -624,7 +630,7 @@ fn token_state(
 ) -> Result<Result<(TrustCode, RegionId), TokenRefusal>, StoreError> {
     let row = conn
         .query_row(
-            "SELECT hash, trust, region, uses_left, expires_at FROM enrolment_tokens \
+            "SELECT hash, trust, region, uses_left, expires_at, revoked_at FROM enrolment_tokens \
              WHERE hash = ?1",
             [&hash[..]],
             |r| {
@@ -634,15 +640,19 @@ fn token_state(
                     parse_col::<RegionId>(r, 2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, i64>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
                 ))
             },
         )
         .optional()?;
-    let Some((stored, trust, region, uses_left, expires_at)) = row else {
+    let Some((stored, trust, region, uses_left, expires_at, revoked_at)) = row else {
         return Ok(Err(TokenRefusal::Unknown));
     };
     if !bool::from(stored.as_slice().ct_eq(&hash[..])) {
         return Ok(Err(TokenRefusal::Unknown));
+    }
+    if revoked_at.is_some() {
+        return Ok(Err(TokenRefusal::Revoked));
     }
     if expires_at <= ts(now) {
         return Ok(Err(TokenRefusal::Expired));
@@ -809,37 +819,44 @@ impl Store for SqliteStore {
         council: CouncilCode,
         hash: [u8; 32],
         now: DateTime<Utc>,
+        expires_at: Option<DateTime<Utc>>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.write(move |c| {
-            require(
+            credentials::add_bearer(
                 c,
-                "SELECT 1 FROM councils WHERE code = ?1",
-                council.as_str(),
+                "council_tokens",
                 "council",
-            )?;
-            c.execute(
-                "INSERT INTO council_tokens (hash, council, created_at) VALUES (?1, ?2, ?3)",
-                params![&hash[..], council.as_str(), ts(now)],
-            )?;
-            Ok(())
+                COUNCIL_OWNER,
+                council.as_str(),
+                &hash,
+                now,
+                expires_at,
+            )
         })
     }
 
     fn council_for_token(
         &self,
         hash: [u8; 32],
-    ) -> impl Future<Output = Result<Option<CouncilCode>, StoreError>> + Send {
-        self.read(move |c| {
-            let row = c
-                .query_row(
-                    "SELECT hash, council FROM council_tokens WHERE hash = ?1",
-                    [&hash[..]],
-                    |r| Ok((r.get::<_, Vec<u8>>(0)?, parse_col::<CouncilCode>(r, 1)?)),
-                )
-                .optional()?;
-            Ok(row.and_then(|(stored, council)| {
-                bool::from(stored.as_slice().ct_eq(&hash[..])).then_some(council)
-            }))
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Result<CouncilCode, TokenRefusal>, StoreError>> + Send {
+        self.read(move |c| credentials::bearer(c, "council_tokens", "council", &hash, now))
+    }
+
+    fn revoke_council_tokens(
+        &self,
+        council: CouncilCode,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.write(move |c| {
+            credentials::revoke_bearers(
+                c,
+                "council_tokens",
+                "council",
+                COUNCIL_OWNER,
+                council.as_str(),
+                now,
+            )
         })
     }
 
@@ -1086,6 +1103,20 @@ impl Store for SqliteStore {
         self.read(move |c| token_state(c, &hash, now))
     }
 
+    fn enrolment_tokens(
+        &self,
+    ) -> impl Future<Output = Result<Vec<EnrolmentTokenInfo>, StoreError>> + Send {
+        self.read(credentials::enrolment_tokens)
+    }
+
+    fn revoke_enrolment_token(
+        &self,
+        id: String,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.write(move |c| credentials::revoke_enrolment_token(c, &id, now))
+    }
+
     fn enrol_device(
         &self,
         hash: [u8; 32],
@@ -1321,15 +1352,45 @@ impl Store for SqliteStore {
         trust: TrustCode,
         hash: [u8; 32],
         now: DateTime<Utc>,
+        expires_at: Option<DateTime<Utc>>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.write(move |c| pages::add_admin_token(c, &trust, &hash, now))
+        self.write(move |c| {
+            credentials::add_bearer(
+                c,
+                "trust_admin_tokens",
+                "trust",
+                TRUST_OWNER,
+                trust.as_str(),
+                &hash,
+                now,
+                expires_at,
+            )
+        })
     }
 
     fn trust_for_admin_token(
         &self,
         hash: [u8; 32],
-    ) -> impl Future<Output = Result<Option<TrustCode>, StoreError>> + Send {
-        self.read(move |c| pages::trust_for_admin_token(c, &hash))
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Result<TrustCode, TokenRefusal>, StoreError>> + Send {
+        self.read(move |c| credentials::bearer(c, "trust_admin_tokens", "trust", &hash, now))
+    }
+
+    fn revoke_trust_admin_tokens(
+        &self,
+        trust: TrustCode,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.write(move |c| {
+            credentials::revoke_bearers(
+                c,
+                "trust_admin_tokens",
+                "trust",
+                TRUST_OWNER,
+                trust.as_str(),
+                now,
+            )
+        })
     }
 
     fn trust_fleet(

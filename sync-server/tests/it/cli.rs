@@ -111,6 +111,63 @@ async fn init_refuses_an_existing_dir_and_admin_works_while_serving() {
     // which is before the token's expiry.
     let (r, _) = env.enrol_with(&et).await;
     assert_eq!(r.status(), 200);
+
+    // Enrolment tokens are listed by id (never the secret) and can be revoked by it.
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["enrolment-token", "list", "--json"])).unwrap();
+    let tokens = listed["enrolment_tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 1, "{listed}");
+    let token_id = tokens[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(token_id.len(), 16);
+    assert_eq!(tokens[0]["uses_left"], 1);
+    assert_eq!(tokens[0]["state"], "live");
+    assert!(
+        !listed.to_string().contains(&et),
+        "the secret is never listed"
+    );
+    let table = run(&["enrolment-token", "list"]);
+    assert!(
+        table.contains(&token_id) && table.contains("live"),
+        "{table}"
+    );
+    assert!(run(&["enrolment-token", "revoke", "--token-id", &token_id]).contains("revoked"));
+    let (r, _) = env.enrol_with(&et).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<cpis_protocol::api::ErrorBody>()
+            .await
+            .unwrap()
+            .error
+            .code,
+        cpis_protocol::api::codes::ENROLMENT_TOKEN_REVOKED
+    );
+    assert!(run(&["enrolment-token", "list"]).contains("revoked"));
+    assert!(
+        run(&["enrolment-token", "revoke", "--token-id", &token_id]).contains("already revoked")
+    );
+    let unknown = bin(&a(&[
+        "enrolment-token",
+        "revoke",
+        "--token-id",
+        "0123456789abcdef",
+    ])
+    .iter()
+    .map(String::as_str)
+    .collect::<Vec<_>>());
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("does not exist"));
+    // The token's id is printed when it is made.
+    let made = bin(&a(&["enrolment-token", "--trust", "RX9", "--region", "EM"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(made.status.success());
+    let said = String::from_utf8_lossy(&made.stderr);
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["enrolment-token", "list", "--json"])).unwrap();
+    let newest = listed["enrolment_tokens"][0]["id"].as_str().unwrap();
+    assert!(said.contains(newest), "{said}");
+
     let listed = run(&["device", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
     let id = v["devices"][0]["device_id"].as_str().unwrap().to_owned();
@@ -149,6 +206,12 @@ fn every_command_has_help_describing_it_and_each_option() {
         &["admin", "region", "set-neighbours"],
         &["admin", "council", "add"],
         &["admin", "enrolment-token"],
+        &["admin", "enrolment-token", "list"],
+        &["admin", "enrolment-token", "revoke"],
+        &["admin", "council", "token"],
+        &["admin", "council", "revoke-tokens"],
+        &["admin", "trust", "token"],
+        &["admin", "trust", "revoke-tokens"],
         &["admin", "device", "list"],
         &["admin", "device", "revoke"],
         &["admin", "mailbox", "list"],

@@ -122,7 +122,7 @@ async fn kill_9_mid_ingest_loses_and_duplicates_nothing() {
         for code in [LEICS, NOTTS] {
             let (token, hash) = tokens::new_secret(tokens::COUNCIL_PREFIX);
             store
-                .add_council_token(council(code), hash, now)
+                .add_council_token(council(code), hash, now, None)
                 .await
                 .unwrap();
             council_tokens.push(token);

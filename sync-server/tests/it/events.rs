@@ -8,7 +8,7 @@ use cpis_protocol::PlanType::{Cpp, Lac};
 use cpis_protocol::api::{ErrorBody, codes, paths};
 use cpis_protocol::confirm::{self, ConfirmRequest, ConfirmResponse};
 use cpis_protocol::ingest::codes as reject;
-use cpis_protocol::{DeviceId, EventId, LookupResult, MAX_RECENT_CONTACTS};
+use cpis_protocol::{DeviceId, EventId, EventUploadAck, LookupResult, MAX_RECENT_CONTACTS};
 use cpis_sync_server::store::Store;
 
 use crate::harness::*;
@@ -16,7 +16,9 @@ use crate::harness::*;
 /// Seeds councils and flags: subject 1 is CPP with Leicestershire and LAC with
 /// Nottinghamshire (both EM); subject 2 is CPP with Lancashire (NW).
 async fn flagged_env() -> (Env, String, String, String) {
-    let env = Env::start().await;
+    // These tests check what confirmations answer, more of them than a device's default
+    // confirmation burst (its limit is tested in `shed`).
+    let env = Env::start_with(|c| c.load_shedding.confirm_burst = 50).await;
     env.seed().await;
     let leics = env.council_token(LEICS).await;
     let notts = env.council_token(NOTTS).await;
@@ -203,9 +205,39 @@ async fn bad_events_are_rejected_one_by_one_and_bad_batches_whole() {
         .revoke_device(d.enrolment.device_id, t0())
         .await
         .unwrap();
-    let r = d.post_events(&env, &[d.event(1, t0(), &[], &[])]).await;
+    // A revoked device is refused everything but the delivery of its outbox, which is
+    // stored and recorded as sent after the revocation (no notice is lost to it).
+    let r = d
+        .client
+        .get(env.url(paths::CHECKPOINT))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     assert!(r.json::<ErrorBody>().await.unwrap().error.wipe);
+    let late = d.event(1, t0(), &[], &[]);
+    let r = d.post_events(&env, std::slice::from_ref(&late)).await;
+    assert_eq!(r.status(), 200);
+    let ack: EventUploadAck = r.json().await.unwrap();
+    assert_eq!(ack.stored, vec![late.event_id]);
+    let stored = env
+        .store()
+        .stored_event(late.event_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.source, "after_revocation");
+    // Its online confirmation is refused like any other route.
+    let r = d
+        .client
+        .post(env.url(confirm::PATH))
+        .json(&ConfirmRequest {
+            event: d.event(2, t0(), &[], &[]),
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
     env.stop().await;
 }
 

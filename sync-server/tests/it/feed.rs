@@ -157,18 +157,18 @@ async fn everything_served_verifies_with_the_protocol_crate() {
     assert_eq!(dmeta.change_count, 3);
     let _ = pinned;
 
-    // healthz and metrics.
+    // healthz on the public listener says only "ok"; metrics (per-council mailbox counts)
+    // are on their own loopback listener and nowhere on the public one.
     let h = env.client().get(env.url("/healthz")).send().await.unwrap();
     assert_eq!(h.status(), 200);
-    let m = env
-        .client()
-        .get(env.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(h.text().await.unwrap(), "ok\n");
+    let public = env.client().get(env.url("/metrics")).send().await.unwrap();
+    assert_eq!(
+        public.status(),
+        404,
+        "/metrics must not be on the public listener"
+    );
+    let m = env.metrics().await;
     assert!(
         m.contains("cpis_council_uploads_total{result=\"accepted\"} 3"),
         "{m}"

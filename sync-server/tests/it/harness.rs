@@ -108,6 +108,7 @@ impl Env {
     ) -> Env {
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
         tweak(&mut config);
@@ -159,7 +160,7 @@ impl Env {
     pub async fn council_token(&self, ods: &str) -> String {
         let (token, hash) = tokens::new_secret(tokens::COUNCIL_PREFIX);
         self.store()
-            .add_council_token(ods.parse().unwrap(), hash, t0())
+            .add_council_token(ods.parse().unwrap(), hash, t0(), None)
             .await
             .unwrap();
         token
@@ -352,16 +353,12 @@ impl Env {
             .unwrap()
     }
 
-    /// The `/metrics` text.
+    /// The `/metrics` text, from its own plain-HTTP loopback listener.
     pub async fn metrics(&self) -> String {
-        self.client()
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        let (status, body) =
+            plain_get(self.handle.as_ref().unwrap().metrics_addr(), "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body
     }
 }
 
@@ -374,6 +371,20 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 
 pub fn council(code: &str) -> CouncilCode {
     code.parse().unwrap()
+}
+
+/// A plain-HTTP/1.0 GET (the metrics listener): status and body.
+pub async fn plain_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    (status, body.to_owned())
 }
 
 /// A reqwest client (ring provider) trusting only `ca_pem`, optionally with a client cert.

@@ -974,6 +974,26 @@ async fn council_names_and_tablet_text_are_escaped_everywhere() {
         p.body
             .contains("incident &quot;&gt;&lt;script&gt;alert(2)&lt;/script&gt;")
     );
+
+    // A tablet named with terminal escape sequences: `admin device list` shows them as text
+    // and never sends them to the administrator's terminal (nor breaks the table's columns).
+    enrol_named(&env, "RX9", "Tab\u{1b}]0;owned\u{7}\u{1b}[2J\tlet\n7").await;
+    let out = cli_admin(&env, &["device", "list"]);
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("Tab\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\u{9}let\\u{a}7"),
+        "{table}"
+    );
+    assert!(
+        !table.contains('\u{1b}') && !table.contains('\u{7}'),
+        "{table}"
+    );
+    let columns = table.lines().next().unwrap().split('\t').count();
+    assert!(
+        table.lines().all(|l| l.split('\t').count() == columns),
+        "every row keeps the header's columns: {table}"
+    );
     env.stop().await;
 }
 
@@ -1270,5 +1290,137 @@ async fn a_trust_admin_sees_only_its_own_devices_and_revokes_after_confirming() 
     w.cookies
         .insert("cpis_council".into(), w.cookies["cpis_fleet"].clone());
     assert_eq!(w.get("/council/inbox").await.status, 303);
+    env.stop().await;
+}
+
+/// `cpis-sync-server admin --data-dir DIR ARGS...` on the served data dir.
+fn cli_admin(env: &Env, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cpis-sync-server"))
+        .args(["admin", "--data-dir", env.dir.path().to_str().unwrap()])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// The token a successful `admin ... token` printed.
+fn printed_token(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn revoked_and_expired_tokens_are_refused_on_every_route_and_end_page_sessions_at_once() {
+    let (env, _, notts) = council_env().await;
+    let listing = |token: String| {
+        env.client()
+            .get(env.url(&format!("/v1/councils/{LEICS}/notifications")))
+            .bearer_auth(token)
+            .send()
+    };
+    let code = |r: reqwest::Response| async move {
+        (
+            r.status().as_u16(),
+            r.json::<ErrorBody>().await.unwrap().error.code,
+        )
+    };
+    // Two tokens from the CLI: one valid until revoked, one for 2 hours.
+    let forever = printed_token(&cli_admin(&env, &["council", "token", "--ods", LEICS]));
+    let out = cli_admin(
+        &env,
+        &["council", "token", "--ods", LEICS, "--expires", "2h"],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expires"));
+    let expiring = printed_token(&out);
+    assert_eq!(listing(forever.clone()).await.unwrap().status(), 200);
+    assert_eq!(listing(expiring.clone()).await.unwrap().status(), 200);
+    let bad_expiry = cli_admin(
+        &env,
+        &["council", "token", "--ods", LEICS, "--expires", "soon"],
+    );
+    assert_eq!(bad_expiry.status.code(), Some(2));
+
+    // A council signed in to its inbox, a trust admin to its fleet page.
+    let mut council = Browser::new(&env);
+    let p = council.sign_in("/council", &forever).await;
+    assert_eq!(p.status, 303);
+    assert_eq!(council.get("/council/inbox").await.status, 200);
+    let admin = cli_admin_token(&env, "RX9");
+    let mut fleet = Browser::new(&env);
+    assert_eq!(fleet.sign_in("/fleet", &admin).await.status, 303);
+    assert_eq!(fleet.get("/fleet/devices").await.status, 200);
+
+    // Revoking the council's tokens: every route refuses them with `token_revoked`, and the
+    // page session ends at its next request.
+    let out = cli_admin(&env, &["council", "revoke-tokens", "--ods", LEICS]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("revoked 3 token(s) of council"), "{said}");
+    for token in [&forever, &expiring] {
+        assert_eq!(
+            code(listing(token.clone()).await.unwrap()).await,
+            (401, codes::BEARER_REVOKED.to_owned())
+        );
+    }
+    let upload = env
+        .upload(&forever, LEICS, &csv(&[(1, "CPP", "2024-01-01", "")]))
+        .await;
+    assert_eq!(code(upload).await, (401, codes::BEARER_REVOKED.to_owned()));
+    let ack = env
+        .client()
+        .post(env.url(&format!("/v1/councils/{LEICS}/notifications/ack")))
+        .bearer_auth(&forever)
+        .json(&serde_json::json!({"ids": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(ack).await, (401, codes::BEARER_REVOKED.to_owned()));
+    let p = council.get("/council/inbox").await;
+    assert_eq!((p.status, p.location()), (303, "/council"));
+    let mut again = Browser::new(&env);
+    assert_eq!(again.sign_in("/council", &forever).await.status, 401);
+    // Another council is not touched; a new token works.
+    let notts_listing = env
+        .client()
+        .get(env.url(&format!("/v1/councils/{NOTTS}/notifications")))
+        .bearer_auth(&notts)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(notts_listing.status(), 200);
+    let fresh = printed_token(&cli_admin(&env, &["council", "token", "--ods", LEICS]));
+    assert_eq!(listing(fresh.clone()).await.unwrap().status(), 200);
+
+    // The trust's admin tokens: its fleet session ends and the token is refused.
+    let out = cli_admin(&env, &["trust", "revoke-tokens", "--trust", "RX9"]);
+    assert!(out.status.success());
+    let p = fleet.get("/fleet/devices").await;
+    assert_eq!((p.status, p.location()), (303, "/fleet"));
+    assert_eq!(
+        Browser::new(&env).sign_in("/fleet", &admin).await.status,
+        401
+    );
+    let unknown = cli_admin(&env, &["trust", "revoke-tokens", "--trust", "ZZ9"]);
+    assert_eq!(unknown.status.code(), Some(2));
+
+    // Expiry: a token made for 2 hours is refused once they are over (`token_expired`),
+    // one made without `--expires` is not.
+    let short = printed_token(&cli_admin(
+        &env,
+        &["council", "token", "--ods", LEICS, "--expires", "2h"],
+    ));
+    env.clock.set(chrono::Utc::now() + Age::hours(3));
+    assert_eq!(
+        code(listing(short).await.unwrap()).await,
+        (401, codes::BEARER_EXPIRED.to_owned())
+    );
+    assert_eq!(listing(fresh).await.unwrap().status(), 200);
     env.stop().await;
 }

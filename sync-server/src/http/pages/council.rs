@@ -45,20 +45,34 @@ fn now<S: Store>(pages: &Pages<S>) -> DateTime<Utc> {
 }
 
 /// The signed-in council, or `303` to the sign-in page.
-fn signed_in<S: Store>(
+async fn signed_in<S: Store>(
     pages: &Pages<S>,
     headers: &HeaderMap,
 ) -> Result<Session<CouncilUser>, Response> {
-    signed_in_with_id(pages, headers).map(|(_, s)| s)
+    signed_in_with_id(pages, headers).await.map(|(_, s)| s)
 }
 
-/// The session's id and the session, or `303` to the sign-in page.
-fn signed_in_with_id<S: Store>(
+/// The session's id and the session, or `303` to the sign-in page. The token it was signed
+/// in with is checked again on every request, so revoking it (`admin ... revoke-tokens`, from
+/// any process) or its expiry signs the session out at once.
+async fn signed_in_with_id<S: Store>(
     pages: &Pages<S>,
     headers: &HeaderMap,
 ) -> Result<(String, Session<CouncilUser>), Response> {
-    current(&pages.councils, headers, SIGN_IN.cookie, now(pages))
-        .ok_or_else(|| see_other(SIGN_IN.base, &[]))
+    let (id, session) = current(&pages.councils, headers, SIGN_IN.cookie, now(pages))
+        .ok_or_else(|| see_other(SIGN_IN.base, &[]))?;
+    let still = pages
+        .app
+        .store
+        .council_for_token(session.who.token, now(pages))
+        .await
+        .map_err(|e| store_failed(&e, SIGN_IN.base))?;
+    if still.as_ref().ok() != Some(&session.who.code) {
+        tracing::info!(who = %session.who.code, "page session ended: its token was revoked or expired");
+        pages.councils.remove(&id);
+        return Err(see_other(SIGN_IN.base, &[]));
+    }
+    Ok((id, session))
 }
 
 fn nav<'a>(session: &'a Session<CouncilUser>, here: &str) -> Nav<'a> {
@@ -78,7 +92,7 @@ pub(crate) async fn sign_in_page<S: Store>(
     State(pages): State<Arc<Pages<S>>>,
     headers: HeaderMap,
 ) -> Response {
-    if signed_in(&pages, &headers).is_ok() {
+    if signed_in(&pages, &headers).await.is_ok() {
         return see_other("/council/inbox", &[]);
     }
     SIGN_IN.page(&headers, StatusCode::OK, None)
@@ -94,13 +108,14 @@ pub(crate) async fn sign_in<S: Store>(
     let fields = form(body, SIGN_IN.base)?;
     let token = SIGN_IN.check(&headers, &uri, &fields)?;
     let app = &pages.app;
+    let hash = tokens::hash(&token);
     let council = app
         .store
-        .council_for_token(tokens::hash(&token))
+        .council_for_token(hash, now(&pages))
         .await
         .map_err(|e| store_failed(&e, SIGN_IN.base))?;
-    let Some(code) = council else {
-        tracing::info!("council page sign-in refused: unknown token");
+    let Ok(code) = council else {
+        tracing::info!(refusal = ?council, "council page sign-in refused");
         return Err(SIGN_IN.refused(&headers));
     };
     let councils = app
@@ -113,9 +128,14 @@ pub(crate) async fn sign_in<S: Store>(
         .find(|c| c.code == code)
         .map_or_else(|| code.to_string(), |c| c.name);
     tracing::info!(council = %code, "council signed in to the inbox page");
-    let (id, _) = pages
-        .councils
-        .create(CouncilUser { code, name }, now(&pages));
+    let (id, _) = pages.councils.create(
+        CouncilUser {
+            code,
+            name,
+            token: hash,
+        },
+        now(&pages),
+    );
     Ok(SIGN_IN.signed_in(&id, "/council/inbox"))
 }
 
@@ -432,7 +452,7 @@ pub(crate) async fn inbox<S: Store>(
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> PageResult {
-    let (id, session) = signed_in_with_id(&pages, &headers)?;
+    let (id, session) = signed_in_with_id(&pages, &headers).await?;
     let fields = query.map(|Query(q)| q).unwrap_or_default();
     match Filter::parse(&fields) {
         Ok(filter) => {
@@ -486,7 +506,7 @@ pub(crate) async fn ack<S: Store>(
     uri: Uri,
     body: Result<Form<Fields>, FormRejection>,
 ) -> PageResult {
-    let (session_id, session) = signed_in_with_id(&pages, &headers)?;
+    let (session_id, session) = signed_in_with_id(&pages, &headers).await?;
     let fields = form(body, "/council/inbox")?;
     check_post(&headers, &uri, &fields, &session.csrf, "/council/inbox")?;
     let filter = Filter::parse(&fields).unwrap_or_default();
@@ -620,7 +640,7 @@ pub(crate) async fn export<S: Store>(
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> PageResult {
-    let session = signed_in(&pages, &headers)?;
+    let session = signed_in(&pages, &headers).await?;
     let fields = query.map(|Query(q)| q).unwrap_or_default();
     let filter = match Filter::parse(&fields) {
         Ok(f) => f,
@@ -677,7 +697,7 @@ pub(crate) async fn uploads<S: Store>(
     State(pages): State<Arc<Pages<S>>>,
     headers: HeaderMap,
 ) -> PageResult {
-    let session = signed_in(&pages, &headers)?;
+    let session = signed_in(&pages, &headers).await?;
     let attempts = pages
         .app
         .store

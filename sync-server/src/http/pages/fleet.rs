@@ -42,19 +42,34 @@ fn now<S: Store>(pages: &Pages<S>) -> DateTime<Utc> {
     pages.app.clock.now()
 }
 
-fn signed_in<S: Store>(
+async fn signed_in<S: Store>(
     pages: &Pages<S>,
     headers: &HeaderMap,
 ) -> Result<Session<TrustUser>, Response> {
-    signed_in_with_id(pages, headers).map(|(_, s)| s)
+    signed_in_with_id(pages, headers).await.map(|(_, s)| s)
 }
 
-fn signed_in_with_id<S: Store>(
+/// The session's id and the session, or `303` to the sign-in page. The token it was signed
+/// in with is checked again on every request, so revoking it (`admin ... revoke-tokens`, from
+/// any process) or its expiry signs the session out at once.
+async fn signed_in_with_id<S: Store>(
     pages: &Pages<S>,
     headers: &HeaderMap,
 ) -> Result<(String, Session<TrustUser>), Response> {
-    current(&pages.fleet, headers, SIGN_IN.cookie, now(pages))
-        .ok_or_else(|| see_other(SIGN_IN.base, &[]))
+    let (id, session) = current(&pages.fleet, headers, SIGN_IN.cookie, now(pages))
+        .ok_or_else(|| see_other(SIGN_IN.base, &[]))?;
+    let still = pages
+        .app
+        .store
+        .trust_for_admin_token(session.who.token, now(pages))
+        .await
+        .map_err(|e| store_failed(&e, SIGN_IN.base))?;
+    if still.as_ref().ok() != Some(&session.who.code) {
+        tracing::info!(who = %session.who.code, "page session ended: its token was revoked or expired");
+        pages.fleet.remove(&id);
+        return Err(see_other(SIGN_IN.base, &[]));
+    }
+    Ok((id, session))
 }
 
 fn nav(session: &Session<TrustUser>) -> Nav<'_> {
@@ -71,7 +86,7 @@ pub(crate) async fn sign_in_page<S: Store>(
     State(pages): State<Arc<Pages<S>>>,
     headers: HeaderMap,
 ) -> Response {
-    if signed_in(&pages, &headers).is_ok() {
+    if signed_in(&pages, &headers).await.is_ok() {
         return see_other("/fleet/devices", &[]);
     }
     SIGN_IN.page(&headers, StatusCode::OK, None)
@@ -87,12 +102,13 @@ pub(crate) async fn sign_in<S: Store>(
     let fields = form(body, SIGN_IN.base)?;
     let token = SIGN_IN.check(&headers, &uri, &fields)?;
     let store = &pages.app.store;
+    let hash = tokens::hash(&token);
     let trust = store
-        .trust_for_admin_token(tokens::hash(&token))
+        .trust_for_admin_token(hash, now(&pages))
         .await
         .map_err(|e| store_failed(&e, SIGN_IN.base))?;
-    let Some(code) = trust else {
-        tracing::info!("fleet page sign-in refused: unknown token");
+    let Ok(code) = trust else {
+        tracing::info!(refusal = ?trust, "fleet page sign-in refused");
         return Err(SIGN_IN.refused(&headers));
     };
     let name = store
@@ -103,7 +119,14 @@ pub(crate) async fn sign_in<S: Store>(
         .find(|t| t.code == code)
         .map_or_else(|| code.to_string(), |t| t.name);
     tracing::info!(trust = %code, "trust admin signed in to the fleet page");
-    let (id, _) = pages.fleet.create(TrustUser { code, name }, now(&pages));
+    let (id, _) = pages.fleet.create(
+        TrustUser {
+            code,
+            name,
+            token: hash,
+        },
+        now(&pages),
+    );
     Ok(SIGN_IN.signed_in(&id, "/fleet/devices"))
 }
 
@@ -182,7 +205,7 @@ pub(crate) async fn devices<S: Store>(
     State(pages): State<Arc<Pages<S>>>,
     headers: HeaderMap,
 ) -> PageResult {
-    let (session_id, session) = signed_in_with_id(&pages, &headers)?;
+    let (session_id, session) = signed_in_with_id(&pages, &headers).await?;
     let app = &pages.app;
     let now = now(&pages);
     let entries = app
@@ -292,7 +315,7 @@ pub(crate) async fn confirm_revoke<S: Store>(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> PageResult {
-    let session = signed_in(&pages, &headers)?;
+    let session = signed_in(&pages, &headers).await?;
     let device = own_device(&pages, &session, &id).await?;
     let label = esc(&device_label(&device));
     let did = esc(&device.id.to_string());
@@ -340,7 +363,7 @@ pub(crate) async fn revoke<S: Store>(
     Path(id): Path<String>,
     body: Result<Form<Fields>, FormRejection>,
 ) -> PageResult {
-    let (session_id, session) = signed_in_with_id(&pages, &headers)?;
+    let (session_id, session) = signed_in_with_id(&pages, &headers).await?;
     let back = format!("/fleet/devices/{}/revoke", super::html::query_value(&id));
     let fields = form(body, &back)?;
     check_post(&headers, &uri, &fields, &session.csrf, &back)?;

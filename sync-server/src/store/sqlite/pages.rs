@@ -1,13 +1,13 @@
 //! SQL behind the council and fleet pages: every council's recent upload attempts (applied
-//! and refused, bounded per council) and the trusts' admin tokens.
+//! and refused, bounded per council) and the trusts' admin tokens (migration 4; checked and
+//! revoked in `credentials`).
 
 use chrono::{DateTime, Utc};
+use cpis_protocol::CouncilCode;
 use cpis_protocol::api::{UploadCounts, UploadError};
-use cpis_protocol::{CouncilCode, TrustCode};
-use rusqlite::{Connection, OptionalExtension, Row, params};
-use subtle::ConstantTimeEq as _;
+use rusqlite::{Connection, Row, params};
 
-use super::{bad, from_ts, parse_col, require, ts};
+use super::{bad, from_ts, require, ts};
 use crate::store::{AttemptOutcome, MAX_UPLOAD_ATTEMPTS, RefusedUpload, StoreError, UploadAttempt};
 
 /// Schema of upload attempts and trust admin tokens (migration 4). Applied uploads already
@@ -138,41 +138,6 @@ pub(super) fn attempts(
         attempt_from_row,
     )?;
     Ok(rows.collect::<Result<_, _>>()?)
-}
-
-pub(super) fn add_admin_token(
-    c: &Connection,
-    trust: &TrustCode,
-    hash: &[u8; 32],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    require(
-        c,
-        "SELECT 1 FROM trusts WHERE code = ?1",
-        trust.as_str(),
-        "trust",
-    )?;
-    c.execute(
-        "INSERT INTO trust_admin_tokens (hash, trust, created_at) VALUES (?1, ?2, ?3)",
-        params![&hash[..], trust.as_str(), ts(now)],
-    )?;
-    Ok(())
-}
-
-pub(super) fn trust_for_admin_token(
-    c: &Connection,
-    hash: &[u8; 32],
-) -> Result<Option<TrustCode>, StoreError> {
-    let row = c
-        .query_row(
-            "SELECT hash, trust FROM trust_admin_tokens WHERE hash = ?1",
-            [&hash[..]],
-            |r| Ok((r.get::<_, Vec<u8>>(0)?, parse_col::<TrustCode>(r, 1)?)),
-        )
-        .optional()?;
-    Ok(row.and_then(|(stored, trust)| {
-        bool::from(stored.as_slice().ct_eq(&hash[..])).then_some(trust)
-    }))
 }
 
 #[cfg(test)]
