@@ -689,6 +689,7 @@ impl Agent {
             sd.next_device_cert(),
             sd.ca(),
             sd.enrolment(),
+            crate::local_token::path(dir),
         ] {
             shred_file(&p).map_err(io_err(&p))?;
         }
