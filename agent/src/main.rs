@@ -270,8 +270,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         local_token::EnrolmentTokenError::Several(_) => ErrorKind::ArgumentConflict,
                         _ => ErrorKind::ValueValidation,
                     };
-                    // Exit 2 (bad option), with clap's usage line.
-                    Cli::command().error(kind, e).exit()
+                    // Exit 2 (bad option), with the usage line of `enrol`.
+                    let mut cmd = Cli::command();
+                    cmd.build();
+                    match cmd.find_subcommand_mut("enrol") {
+                        Some(enrol) => enrol.error(kind, e).exit(),
+                        None => cmd.error(kind, e).exit(),
+                    }
                 }
             };
             let ca_pem = std::fs::read_to_string(&ca)

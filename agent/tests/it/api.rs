@@ -430,6 +430,13 @@ async fn cli_enrol_takes_the_token_from_one_source_and_run_requires_the_local_to
             "nothing is written before the token is known"
         );
     }
+    // The environment alone is one source: the (unknown) token reaches the server.
+    let o = run(enrol(vec![], Some("cpis_et_unknown"))).await;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("exactly one"), "{stderr}");
+    assert!(stderr.contains("token"), "{stderr}");
+    assert!(!state.exists());
     let o = run(enrol(file(&good), None)).await;
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
