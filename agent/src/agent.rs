@@ -772,6 +772,7 @@ impl Agent {
             sd.ca(),
             sd.enrolment(),
             sd.revoked(),
+            crate::local_token::path(dir),
         ] {
             shred_file(&p).map_err(io_err(&p))?;
         }

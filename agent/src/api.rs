@@ -7,14 +7,24 @@
 //! loop for an attempt and answers its outcome. Every request must name a loopback host
 //! (`Host: 127.0.0.1:PORT`, `localhost:PORT`, `[::1]:PORT`), so a web page whose DNS name
 //! was rebound to 127.0.0.1 cannot use the API or the page ([`crate::page::host_check`]).
+//!
+//! Every `/v1/*` request then passes [`v1_guard`]: a POST that another web site may have sent
+//! (`Sec-Fetch-Site` other than `same-origin`/`none`, or an `Origin` other than the
+//! listener's own — the paramedic page's very check, [`crate::page::same_origin`]) is
+//! refused with `403 cross_site_request` before anything is looked up or recorded; a request
+//! with neither header (curl, an ePR app) passes. Then the local API token
+//! ([`crate::local_token`]): `401 local_token_required` when `run --require-token` and no
+//! `Authorization: Bearer`, `401 local_token_invalid` when a token is sent and is not this
+//! agent's. The paramedic page has its own staff id and CSRF checks and is not token-gated.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,6 +34,7 @@ use cpis_protocol::local::{LookupRequest, LookupResponse};
 
 use crate::agent::{Agent, AgentError};
 use crate::background::{Outcome, SyncHandle};
+use crate::local_token::LocalAuth;
 use crate::lookup::LookupInput;
 
 /// Why the local API could not start.
@@ -55,6 +66,8 @@ pub struct ApiOptions {
     pub sync: Option<SyncHandle>,
     /// Bound of the online national check of a miss; `None`: no check.
     pub confirm_bound: Option<Duration>,
+    /// The local API token check of `/v1/*` (off by default).
+    pub auth: LocalAuth,
 }
 
 /// Longest `POST /v1/sync` waits for the loop's attempt.
@@ -214,6 +227,42 @@ async fn sync(State(s): State<Arc<Shared>>) -> Result<Response, HttpError> {
     }
 }
 
+/// The checks of every `/v1/*` request before its handler: a state-changing request from
+/// another site is refused (`403 cross_site_request`), then the local API token is checked
+/// (`401 local_token_required` / `local_token_invalid`, with `WWW-Authenticate: Bearer`).
+async fn v1_guard(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
+    if !read_only && crate::page::same_origin(req.headers()).is_err() {
+        return HttpError(
+            StatusCode::FORBIDDEN,
+            ErrorBody::new(
+                "cross_site_request",
+                "this request came from a web page of another site (Origin or Sec-Fetch-Site) \
+                 and was refused; nothing was looked up, recorded or synced. The local API \
+                 accepts requests from programs on the tablet and from its own pages only",
+            ),
+        )
+        .into_response();
+    }
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().ok());
+    if let Err(why) = s.opts.auth.check(authorization) {
+        let mut resp = HttpError(
+            StatusCode::UNAUTHORIZED,
+            ErrorBody::new(why.code(), why.message()),
+        )
+        .into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer realm=\"cpis-agent\""),
+        );
+        return resp;
+    }
+    next.run(req).await
+}
+
 /// The router, for tests that drive it directly.
 pub fn router(agent: Arc<Agent>) -> Router {
     router_with(agent, ApiOptions::default())
@@ -236,6 +285,10 @@ fn build(agent: Arc<Agent>, opts: ApiOptions, port: Option<u16>) -> Router {
         .route("/v1/lookups", post(lookups))
         .route("/v1/status", get(status))
         .route("/v1/sync", post(sync))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            v1_guard,
+        ))
         .layer(axum::middleware::map_response(crate::page::api_headers))
         .merge(crate::page::routes())
         .with_state(shared)

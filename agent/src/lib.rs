@@ -8,7 +8,8 @@
 //! [`download`] (partial snapshot downloads, sealed), [`sync`] (the driver and enrolment),
 //! [`schedule`] (when the background loop syncs, without IO), [`background`] (the loop of
 //! `run`), [`confirm`] (online national check of a miss), [`lifecycle`] (report, certificate
-//! renewal, key rollover), [`service`] (`run`: API and loop under one token), [`api`] (local HTTP API), [`page`] (the
+//! renewal, key rollover), [`local_token`] (the local API token and the enrolment token's
+//! source), [`service`] (`run`: API and loop under one token), [`api`] (local HTTP API), [`page`] (the
 //! paramedic page on the same listener), [`clock`] (time sources).
 
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod download;
 pub mod freshness;
 pub mod keystore;
 pub mod lifecycle;
+pub mod local_token;
 pub mod lookup;
 pub mod net;
 pub mod page;

@@ -10,11 +10,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 use std::time::Duration;
 
 use cpis_agent::background::LoopConfig;
+use cpis_agent::local_token::{self, LocalAuth, LocalToken};
 use cpis_agent::service::{RunConfig, Service};
 use cpis_agent::{Agent, AgentError, Clock, LookupInput, SystemClock};
 use cpis_protocol::local::LookupResponse;
@@ -45,14 +47,19 @@ enum Command {
         /// PEM file of the CA that issued the server's TLS certificate (the only CA trusted).
         #[arg(long, value_name = "FILE")]
         ca: PathBuf,
-        /// Enrolment token from `cpis-sync-server admin enrolment-token`.
+        /// Enrolment token from `cpis-sync-server admin enrolment-token`. Prefer
+        /// --token-file or the environment variable: a token on the command line shows in
+        /// `ps` and in shell history. Exactly one of the three.
         #[arg(
             long,
             value_name = "TOKEN",
             env = "CPIS_ENROLMENT_TOKEN",
             hide_env_values = true
         )]
-        token: String,
+        token: Option<String>,
+        /// File whose first line is the enrolment token (surrounding spaces removed).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// A name for this device, shown to trust IT.
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
@@ -105,6 +112,11 @@ enum Command {
         /// Never check misses nationally (answers cover the tablet's region only).
         #[arg(long)]
         no_confirm: bool,
+        /// Make every /v1/* request send `Authorization: Bearer <token>`, the token in
+        /// STATE_DIR/api.token (made when missing, mode 0600). Without it the token is
+        /// optional, but a wrong one is refused. The paramedic page is not affected.
+        #[arg(long)]
+        require_token: bool,
     },
     /// Sync once now: checkpoint, then a delta or a snapshot (with a progress bar on a
     /// terminal), then send pending access events, then report to the fleet view.
@@ -232,8 +244,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             ca,
             token,
+            token_file,
             name,
         } => {
+            // clap fills `token` from --token or from the environment; which one it was
+            // decides whether two sources were given.
+            let from_env = Cli::command().try_get_matches().ok().and_then(|m| {
+                m.subcommand_matches("enrol")
+                    .and_then(|e| e.value_source("token"))
+            }) == Some(ValueSource::EnvVariable);
+            let env = std::env::var(local_token::ENROLMENT_TOKEN_ENV).ok();
+            let (flag, env) = if from_env {
+                (None, token)
+            } else {
+                (token, env)
+            };
+            let token = match local_token::enrolment_token(flag, env, token_file.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    use clap::error::ErrorKind;
+                    let kind = match e {
+                        local_token::EnrolmentTokenError::Missing => {
+                            ErrorKind::MissingRequiredArgument
+                        }
+                        local_token::EnrolmentTokenError::Several(_) => ErrorKind::ArgumentConflict,
+                        _ => ErrorKind::ValueValidation,
+                    };
+                    // Exit 2 (bad option), with the usage line of `enrol`.
+                    let mut cmd = Cli::command();
+                    cmd.build();
+                    match cmd.find_subcommand_mut("enrol") {
+                        Some(enrol) => enrol.error(kind, e).exit(),
+                        None => cmd.error(kind, e).exit(),
+                    }
+                }
+            };
             let ca_pem = std::fs::read_to_string(&ca)
                 .with_context(|| format!("reading the CA file {}", ca.display()))?;
             let agent = runtime()?.block_on(cpis_agent::sync::enrol(
@@ -244,15 +289,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 clock(),
             ))?;
+            LocalToken::load_or_create(&state_dir)?;
             let e = agent.enrolment();
             println!(
                 "Enrolled device {} for trust {} in region {}.\nServer signing key pinned: {}\n\
-                 Client certificate valid until {}.\nNext: cpis-agent sync --state-dir {}",
+                 Client certificate valid until {}.\nLocal API token (for the ePR app): {}\n\
+                 Next: cpis-agent sync --state-dir {}",
                 e.device_id,
                 e.trust,
                 e.region,
                 e.signing_key,
                 e.client_cert_expires_at.format("%Y-%m-%d %H:%M UTC"),
+                local_token::path(&state_dir).display(),
                 state_dir.display()
             );
             Ok(())
@@ -264,8 +312,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             backoff_max_secs,
             confirm_timeout_ms,
             no_confirm,
+            require_token,
         } => {
             let agent = Arc::new(Agent::open(&state_dir, clock())?);
+            let token = LocalToken::load_or_create(&state_dir)?;
+            let auth = if require_token {
+                LocalAuth::Required(token)
+            } else {
+                LocalAuth::Checked(token)
+            };
             let mut sync = LoopConfig::default();
             sync.schedule.interval = Duration::from_secs(sync_interval_secs);
             sync.schedule.interval_jitter = Duration::from_secs(sync_interval_secs / 5);
@@ -276,11 +331,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 confirm_bound: (!no_confirm).then(|| Duration::from_millis(confirm_timeout_ms)),
             };
             runtime()?.block_on(async move {
-                let service = Service::start(agent, cfg).await?;
+                let service = Service::start_with(agent, cfg, auth).await?;
                 eprintln!(
                     "cpis-agent: local API on http://{addr}; paramedic page on http://{addr}/; \
-                     background sync every {sync_interval_secs} s",
-                    addr = service.local_addr()
+                     background sync every {sync_interval_secs} s; local API token in {token} \
+                     ({required})",
+                    addr = service.local_addr(),
+                    token = local_token::path(&state_dir).display(),
+                    required = if require_token {
+                        "required"
+                    } else {
+                        "optional"
+                    },
                 );
                 let cancel = service.cancel_token();
                 let signals = tokio::spawn(async move {

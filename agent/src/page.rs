@@ -30,6 +30,7 @@ use cpis_protocol::local::LookupRequest;
 use cpis_protocol::{NhsNumber, NhsNumberError};
 
 pub use guard::PageKeys;
+pub(crate) use guard::same_origin;
 
 use crate::api::{HttpError, Shared, blocking, recorded_lookup};
 use guard::{CSRF_COOKIE, Refused, SHIFT_SECS, STAFF_COOKIE};

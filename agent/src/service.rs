@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::Agent;
 use crate::api::{ApiError, ApiOptions, LocalApi};
 use crate::background::{AgentWorker, LoopConfig, SyncHandle, drive};
+use crate::local_token::LocalAuth;
 
 /// How `run` is set up.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +36,15 @@ pub struct Service {
 impl Service {
     /// Binds the local API and starts the loop (which syncs at once).
     pub async fn start(agent: Arc<Agent>, cfg: RunConfig) -> Result<Self, ApiError> {
+        Self::start_with(agent, cfg, LocalAuth::Off).await
+    }
+
+    /// [`Service::start`] with the local API token check of `/v1/*` (`cpis-agent run`).
+    pub async fn start_with(
+        agent: Arc<Agent>,
+        cfg: RunConfig,
+        auth: LocalAuth,
+    ) -> Result<Self, ApiError> {
         let (handle, requests) = SyncHandle::channel();
         let api = LocalApi::bind_with(
             agent.clone(),
@@ -42,6 +52,7 @@ impl Service {
             ApiOptions {
                 sync: Some(handle.clone()),
                 confirm_bound: cfg.confirm_bound,
+                auth,
             },
         )
         .await?;

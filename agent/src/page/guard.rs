@@ -154,7 +154,10 @@ pub(crate) fn host_ok(host: Option<&str>, port: Option<u16>) -> bool {
 }
 
 /// Refuses a state-changing request another site may have sent: `Sec-Fetch-Site` other than
-/// `same-origin`/`none`, or an `Origin` that is not `http://` + this request's `Host`.
+/// `same-origin`/`none`, or an `Origin` that is not `http://` + this request's `Host` (which
+/// [`super::host_check`] has already held to a loopback name with the listen port). A request
+/// with neither header (a program, not a browser) passes. The one check of the page's form
+/// posts and of the JSON API's POSTs ([`crate::api`]).
 pub(crate) fn same_origin(headers: &HeaderMap) -> Result<(), Refused> {
     if let Some(site) = headers.get("sec-fetch-site") {
         match site.to_str().map(str::to_ascii_lowercase).as_deref() {
@@ -267,6 +270,52 @@ mod tests {
         assert!(!host_ok(None, None));
         assert!(host_ok(Some("127.0.0.1"), Some(80)));
         assert!(host_ok(Some("localhost:1234"), None));
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, axum::http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn origins() {
+        let host = ("host", "127.0.0.1:7411");
+        for ok in [
+            vec![host],
+            vec![host, ("sec-fetch-site", "same-origin")],
+            vec![host, ("sec-fetch-site", "none")],
+            vec![host, ("origin", "http://127.0.0.1:7411")],
+            vec![
+                host,
+                ("origin", "http://127.0.0.1:7411"),
+                ("sec-fetch-site", "Same-Origin"),
+            ],
+        ] {
+            assert_eq!(same_origin(&headers(&ok)), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            vec![host, ("sec-fetch-site", "cross-site")],
+            vec![host, ("sec-fetch-site", "same-site")],
+            vec![host, ("origin", "http://evil.example")],
+            vec![host, ("origin", "null")],
+            vec![host, ("origin", "https://127.0.0.1:7411")],
+            vec![host, ("origin", "http://127.0.0.1:7412")],
+            vec![("origin", "http://127.0.0.1:7411")],
+            vec![
+                host,
+                ("origin", "http://127.0.0.1:7411"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+        ] {
+            assert_eq!(
+                same_origin(&headers(&bad)),
+                Err(Refused::CrossSite),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
