@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::parser::ValueSource;
 use clap::{CommandFactory as _, Parser, Subcommand};
 
 use std::time::Duration;
@@ -48,14 +47,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         ca: PathBuf,
         /// Enrolment token from `cpis-sync-server admin enrolment-token`. Prefer
-        /// --token-file or the environment variable: a token on the command line shows in
-        /// `ps` and in shell history. Exactly one of the three.
-        #[arg(
-            long,
-            value_name = "TOKEN",
-            env = "CPIS_ENROLMENT_TOKEN",
-            hide_env_values = true
-        )]
+        /// --token-file or the environment variable CPIS_ENROLMENT_TOKEN: a token on the
+        /// command line shows in `ps` and in shell history. Exactly one of the three.
+        #[arg(long, value_name = "TOKEN")]
         token: Option<String>,
         /// File whose first line is the enrolment token (surrounding spaces removed).
         #[arg(long, value_name = "FILE")]
@@ -247,19 +241,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             token_file,
             name,
         } => {
-            // clap fills `token` from --token or from the environment; which one it was
-            // decides whether two sources were given.
-            let from_env = Cli::command().try_get_matches().ok().and_then(|m| {
-                m.subcommand_matches("enrol")
-                    .and_then(|e| e.value_source("token"))
-            }) == Some(ValueSource::EnvVariable);
             let env = std::env::var(local_token::ENROLMENT_TOKEN_ENV).ok();
-            let (flag, env) = if from_env {
-                (None, token)
-            } else {
-                (token, env)
-            };
-            let token = match local_token::enrolment_token(flag, env, token_file.as_deref()) {
+            let token = match local_token::enrolment_token(token, env, token_file.as_deref()) {
                 Ok(t) => t,
                 Err(e) => {
                     use clap::error::ErrorKind;
