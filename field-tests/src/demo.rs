@@ -928,6 +928,9 @@ async fn start_server(
         .arg(data_dir)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        // A port of its own for /metrics, so the demo never clashes with a server already
+        // on the default one.
+        .env("CPIS_METRICS_LISTEN", "127.0.0.1:0")
         .spawn_logged(log)?;
     let addr = wait_for_line(&mut child, log, from, "listening on https://", "the server").await?;
     let url = format!("https://127.0.0.1:{}/healthz", addr.port());
@@ -971,6 +974,9 @@ async fn start_agent(
         .arg(state_dir)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        // A port of its own for /metrics, so the demo never clashes with a server already
+        // on the default one.
+        .env("CPIS_METRICS_LISTEN", "127.0.0.1:0")
         .spawn_logged(log)?;
     let addr = wait_for_line(&mut child, log, from, "local API on http://", "the agent").await?;
     Ok((child, addr))

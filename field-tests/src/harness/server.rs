@@ -38,6 +38,8 @@ pub struct ServerProcess {
     child: Option<Running>,
     starts: u32,
     port_busy: usize,
+    /// The `/metrics` listener of the running `serve` (a loopback port of its own).
+    metrics: Option<SocketAddr>,
 }
 
 impl ServerProcess {
@@ -85,6 +87,7 @@ impl ServerProcess {
             child: None,
             starts: 0,
             port_busy: 0,
+            metrics: None,
         };
         server.add_directory(directory).await?;
         server.start().await?;
@@ -197,6 +200,10 @@ impl ServerProcess {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(self.addr.to_string());
+        // Every server of a test on its own metrics port (the default is a fixed one).
+        if !self.env.iter().any(|(k, _)| k == "CPIS_METRICS_LISTEN") {
+            cmd = cmd.env("CPIS_METRICS_LISTEN", "127.0.0.1:0");
+        }
         for (k, v) in &self.env {
             cmd = cmd.env(k, v);
         }
@@ -217,7 +224,27 @@ impl ServerProcess {
             let (http, url) = (http.clone(), url.clone());
             async move { Ok(healthz(&http, &url).await.ok().map(|_| ())) }
         })
-        .await
+        .await?;
+        let line = process::find_after(&self.log, from, "metrics on http://")
+            .context("the server did not say where /metrics is")?;
+        self.metrics = Some(
+            line.trim_end_matches("/metrics")
+                .parse()
+                .with_context(|| format!("reading the metrics address from {line:?}"))?,
+        );
+        Ok(())
+    }
+
+    /// The running server's `/metrics` text (from its own loopback listener).
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let addr = self.metrics.context("the server is not running")?;
+        let r = http::local_client(REQUEST_TIMEOUT)?
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .context("GET /metrics")?;
+        anyhow::ensure!(r.status() == 200, "GET /metrics answered {}", r.status());
+        r.text().await.context("reading /metrics")
     }
 
     /// SIGKILL: no shutdown, no flushing; the data dir is left as the crash left it.

@@ -11,6 +11,7 @@ mod offline;
 mod proxy;
 mod resume;
 mod servers;
+mod slow_clients;
 mod slow_link;
 mod storm;
 mod tamper;

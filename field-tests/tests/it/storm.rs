@@ -275,17 +275,9 @@ impl Storm {
             .collect()
     }
 
-    /// The server's `/metrics`, straight to the server (never shed).
+    /// The server's `/metrics`, from its own loopback listener (never shed).
     async fn metrics(&self) -> String {
-        self.server
-            .http()
-            .get(format!("{}/metrics", self.server.base_url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.server.metrics().await.unwrap()
     }
 
     /// Checks a sample of tablets hold exactly the region's flagged subjects.
