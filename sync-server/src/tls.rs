@@ -86,7 +86,12 @@ pub async fn serve_with_options(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    // An HTTP/2 peer that stops answering pings is dropped (its streams with it).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
 
     let mut connections = JoinSet::new();
