@@ -377,7 +377,7 @@ impl Agent {
         new.data = None;
         new.data_as_of = None;
         new.councils.clear();
-        db.clear_flags(&self.keys, &new)?;
+        db.clear_flags(&self.keys, &mut new)?;
         self.remember(db, new)
     }
 
@@ -462,7 +462,10 @@ impl Agent {
         &self.clock
     }
 
-    /// The sealed state, from the cache unless another process committed since.
+    /// The sealed state, from the cache unless another process committed since. When it is
+    /// read afresh (the first time, and whenever another process changed the file) the rows
+    /// are checked against its integrity record; a mismatch marks the store damaged
+    /// (durably): see [`Self::mark_damaged`].
     pub(crate) fn state_in(&self, db: &FlagDb) -> Result<Arc<DataState>, AgentError> {
         self.check_not_shredded()?;
         let dv = db.data_version()?;
@@ -474,11 +477,53 @@ impl Agent {
                 return Ok(st.clone());
             }
         }
-        let st = Arc::new(db.read_state(&self.keys)?.unwrap_or_else(|| {
+        let mut st = db.read_state(&self.keys)?.unwrap_or_else(|| {
             let e = lock(&self.enrolment);
             DataState::empty(e.region.clone(), e.policy)
-        }));
-        *lock(&self.cache) = Some((dv, st.clone()));
+        });
+        if st.data.is_some() && st.damaged.is_none() {
+            let found = db.verify_rows(&self.keys, st.generation)?;
+            let why = match st.rows {
+                None => Some("the store was written without an integrity record".to_owned()),
+                Some(rec) if rec.count != found.count => Some(format!(
+                    "{} sealed rows where the integrity record says {}",
+                    found.count, rec.count
+                )),
+                Some(rec) if rec != found => {
+                    Some("a sealed row was replaced (by an older copy or another row)".to_owned())
+                }
+                Some(_) => None,
+            };
+            if let Some(why) = why {
+                tracing::error!(
+                    "flag store damaged: {why}; misses answer unknown until a full snapshot"
+                );
+                st.damaged = Some(why);
+                db.write_state(&self.keys, &st)?;
+            }
+        }
+        let st = Arc::new(st);
+        *lock(&self.cache) = Some((db.data_version()?, st.clone()));
+        Ok(st)
+    }
+
+    /// A sealed row that does not open (a copy from another snapshot generation or version)
+    /// was found by a read: the store is damaged, durably.
+    pub(crate) fn mark_damaged(
+        &self,
+        db: &FlagDb,
+        why: String,
+    ) -> Result<Arc<DataState>, AgentError> {
+        let mut st = (*self.state_in(db)?).clone();
+        if st.damaged.is_none() {
+            tracing::error!(
+                "flag store damaged: {why}; misses answer unknown until a full snapshot"
+            );
+            st.damaged = Some(why);
+            db.write_state(&self.keys, &st)?;
+        }
+        let st = Arc::new(st);
+        *lock(&self.cache) = Some((db.data_version()?, st.clone()));
         Ok(st)
     }
 
@@ -621,7 +666,7 @@ impl Agent {
             meta.version,
             rows.iter().map(|(k, fs)| (*k, fs.as_slice())),
             &contacts,
-            &st,
+            &mut st,
         )?;
         self.remember(&db, st)?;
         Ok(meta)
@@ -687,7 +732,7 @@ impl Agent {
         for (nhs, changes) in by_subject {
             let key = self.keys.subject_key(nhs);
             let mut flags = db
-                .subject(&self.keys, &key)?
+                .subject(&self.keys, &key, st.generation)?
                 .map(|r| r.1)
                 .unwrap_or_default();
             for ch in changes {
@@ -715,7 +760,7 @@ impl Agent {
             meta.server_time.min(cp.0.server_time)
         };
         self.mark_verified(&mut st, as_of)?;
-        db.update_subjects(&self.keys, meta.to_version, &rows, &contacts, &st)?;
+        db.update_subjects(&self.keys, meta.to_version, &rows, &contacts, &mut st)?;
         self.remember(&db, st)?;
         Ok(meta)
     }
@@ -824,10 +869,12 @@ fn recover_identity(sd: &StateDir) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// What the tablet holds for the protocol; a damaged store holds nothing it can build on (the
+/// next sync takes a full snapshot).
 pub(crate) fn position_of(st: &DataState) -> Position {
     Position {
         region: st.region.clone(),
-        data: st.data,
+        data: if st.damaged.is_some() { None } else { st.data },
         server_time: st.seen_server_time,
     }
 }

@@ -81,6 +81,7 @@ impl MasterKey {
         };
         Keys {
             lookup: sub(b"lookup-hash"),
+            integrity: sub(b"row-integrity"),
             snapshot: Sealer::new(&sub(b"snapshot-seal")),
             outbox: Sealer::new(&sub(b"outbox-seal")),
             meta: Sealer::new(&sub(b"meta-seal")),
@@ -252,6 +253,8 @@ impl Sealer {
 #[derive(Clone)]
 pub struct Keys {
     lookup: [u8; KEY_LEN],
+    /// Per-row MACs of the store's integrity record ([`crate::store::RowsDigest`]).
+    integrity: [u8; KEY_LEN],
     /// Flag rows.
     pub snapshot: Sealer,
     /// Outbox events.
@@ -277,6 +280,21 @@ impl Keys {
             Err(_) => unreachable_hmac(),
         };
         mac.update(&nhs.to_ascii());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// HMAC-SHA256 of `parts` (each length-prefixed) under the integrity key: one sealed
+    /// row's contribution to the store's integrity record. Without the key nobody can
+    /// compute it, so no set of rows can be forged to match a record.
+    pub fn row_mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(&self.integrity) {
+            Ok(m) => m,
+            Err(_) => unreachable_hmac(),
+        };
+        for part in parts {
+            mac.update(&(part.len() as u64).to_le_bytes());
+            mac.update(part);
+        }
         mac.finalize().into_bytes().into()
     }
 }

@@ -69,6 +69,15 @@ fn assess(
     high_water: Option<DateTime<Utc>>,
 ) -> (Freshness, Option<u64>, Vec<Warning>) {
     let mut warnings = Vec::new();
+    if let Some(why) = &st.damaged {
+        warnings.push(warn(
+            "store_damaged",
+            format!(
+                "The flag data on this tablet is damaged ({why}): a miss cannot be relied on. \
+                 The next sync installs a full copy."
+            ),
+        ));
+    }
     // How far the wall clock is from the true time (known only when the boot clock measured
     // the time since the last verification).
     let offset = clock_offset(
@@ -194,13 +203,23 @@ impl Agent {
         let (st, row, recent_contacts) = {
             let db = lock(&self.flags);
             let st = self.state_in(&db)?;
-            let row = db.subject(&self.keys, &key)?;
-            let contacts = if row.is_some() {
-                db.contacts(&self.keys, &key)?
-            } else {
-                Vec::new()
-            };
-            (st, row, contacts)
+            let read = db.subject(&self.keys, &key, st.generation).and_then(|row| {
+                let contacts = if row.is_some() {
+                    db.contacts(&self.keys, &key, st.generation)?
+                } else {
+                    Vec::new()
+                };
+                Ok((row, contacts))
+            });
+            match read {
+                Ok((row, contacts)) => (st, row, contacts),
+                // A row that does not open was put there from another copy of the store.
+                Err(crate::store::StoreError::Key(_)) => {
+                    let st = self.mark_damaged(&db, "a sealed row does not open".into())?;
+                    (st, None, Vec::new())
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
         if let (Some((ver, _)), Some((_, held))) = (&row, st.data)
             && *ver > held
@@ -250,9 +269,11 @@ impl Agent {
             .collect();
         // Live flags first, then the most recent.
         flags.sort_by(|a, b| a.ended.cmp(&b.ended).then(b.start_date.cmp(&a.start_date)));
+        // A damaged store cannot vouch for a miss (a deleted row reads as one); a flag it
+        // still holds is real (its seal authenticates it) and is shown.
         let result = if !flags.is_empty() {
             LookupResult::Flagged
-        } else if freshness == Freshness::Expired {
+        } else if freshness == Freshness::Expired || st.damaged.is_some() {
             LookupResult::Unknown
         } else {
             LookupResult::NotFlagged

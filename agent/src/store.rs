@@ -2,16 +2,27 @@
 //!
 //! Two files in the state directory, both WAL with `synchronous=FULL`:
 //! * `flags.db`: `flags(key, ver, sealed)` — one row per subject, keyed by the keyed hash of
-//!   the NHS number, holding that subject's flags sealed as one record with the row key and
-//!   the version it was written at bound in as associated data; `contacts(key, ver, sealed)` —
-//!   the subject's recent contacts, a sealed side row under the same key (its own AAD
-//!   domain); `meta(name, sealed)` — the sealed [`DataState`] (region, epoch, version,
-//!   checkpoint times, policy, council directory, sync loop state).
+//!   the NHS number, holding that subject's flags sealed as one record with the row key, the
+//!   version it was written at and the snapshot generation bound in as associated data;
+//!   `contacts(key, ver, sealed)` — the subject's recent contacts, a sealed side row under
+//!   the same key (its own AAD domain); `meta(name, sealed)` — the sealed [`DataState`]
+//!   (region, epoch, version, checkpoint times, policy, council directory, sync loop state,
+//!   and the rows' integrity record [`RowsDigest`]).
 //! * `outbox.db`: `events(seq, sealed, sent)` — access events sealed with their sequence
 //!   number bound in; `sent` is 0 while pending and [`SET_ASIDE`] once the server refused the
 //!   event for good (kept sealed, never re-sent); stored events are deleted. `kv(name,
-//!   sealed)` — the highest tablet clock reading seen. A snapshot reset never touches this
-//!   file.
+//!   sealed)` — the highest tablet clock reading seen, and the next sequence number (sealed,
+//!   only ever rises: a number is never reused after its event is deleted). A snapshot reset
+//!   never touches this file.
+//!
+//! **Tamper evidence.** A sealed row cannot be altered, but it could be deleted, duplicated
+//! under another key, or replaced by an older sealed copy of itself — and a deleted row would
+//! make a flagged child read `not_flagged`. So the state seals a count and a digest of every
+//! row of both tables (the XOR of an HMAC per row under a key of its own, over its table, row
+//! key, version, generation and sealed bytes), kept up to date in the same transaction as
+//! every write, and checked against the rows when the store is opened or changed by another
+//! process ([`FlagDb::verify_rows`]). A row from an earlier snapshot does not even open:
+//! the generation is part of its associated data.
 //!
 //! No NHS number, date or council detail is ever written in plaintext.
 
@@ -35,6 +46,9 @@ pub enum StoreError {
     Key(#[from] KeyError),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// The sealed rows do not match the store's integrity record.
+    #[error("the flag store is damaged: {0}")]
+    Damaged(String),
 }
 
 /// What the tablet holds and when it was last verified; sealed in `flags.db`.
@@ -63,6 +77,36 @@ pub struct DataState {
     /// When the background loop plans its next attempt (tablet clock), if running.
     #[serde(default)]
     pub next_sync_at: Option<DateTime<Utc>>,
+    /// Count and digest of every sealed row; `None` only in a store written before there was
+    /// one (then damaged: its rows cannot be vouched for).
+    #[serde(default)]
+    pub rows: Option<RowsDigest>,
+    /// Why the rows cannot be relied on (a row deleted, duplicated or restored from an older
+    /// copy): misses answer `unknown` (`store_damaged`) and the next sync installs a full
+    /// snapshot, which clears it.
+    #[serde(default)]
+    pub damaged: Option<String>,
+}
+
+/// The integrity record of the sealed rows: how many there are, and the XOR of their MACs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowsDigest {
+    pub count: u64,
+    pub digest: [u8; 32],
+}
+
+impl RowsDigest {
+    /// Adds or removes one row's MAC (XOR is its own inverse; the count says which).
+    fn toggle(&mut self, mac: &[u8; 32], added: bool) {
+        for (d, m) in self.digest.iter_mut().zip(mac) {
+            *d ^= m;
+        }
+        if added {
+            self.count += 1;
+        } else {
+            self.count = self.count.saturating_sub(1);
+        }
+    }
 }
 
 impl DataState {
@@ -83,26 +127,50 @@ impl DataState {
             last_sync_error: None,
             consecutive_failures: 0,
             next_sync_at: None,
+            rows: Some(RowsDigest::default()),
+            damaged: None,
         }
     }
 }
 
 const STATE: &str = "state";
 
-fn flag_aad(key: &[u8], ver: u64) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(5 + key.len() + 8);
-    aad.extend_from_slice(b"flag\0");
-    aad.extend_from_slice(key);
-    aad.extend_from_slice(&ver.to_le_bytes());
-    aad
+/// The two tables of sealed rows, each its own AAD and MAC domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Flags,
+    Contacts,
 }
 
-fn contacts_aad(key: &[u8], ver: u64) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(9 + key.len() + 8);
-    aad.extend_from_slice(b"contacts\0");
-    aad.extend_from_slice(key);
-    aad.extend_from_slice(&ver.to_le_bytes());
-    aad
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Flags => "flags",
+            Table::Contacts => "contacts",
+        }
+    }
+
+    /// Associated data of a sealed row: table, row key, version and snapshot generation.
+    fn aad(self, key: &[u8], ver: u64, generation: u64) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(9 + key.len() + 16);
+        aad.extend_from_slice(self.name().as_bytes());
+        aad.push(0);
+        aad.extend_from_slice(key);
+        aad.extend_from_slice(&ver.to_le_bytes());
+        aad.extend_from_slice(&generation.to_le_bytes());
+        aad
+    }
+
+    /// The row's contribution to [`RowsDigest`].
+    fn mac(self, keys: &Keys, key: &[u8], ver: u64, generation: u64, sealed: &[u8]) -> [u8; 32] {
+        keys.row_mac(&[
+            self.name().as_bytes(),
+            key,
+            &ver.to_le_bytes(),
+            &generation.to_le_bytes(),
+            sealed,
+        ])
+    }
 }
 
 /// `events.sent` of an event the server refused for good: kept sealed, never re-sent.
@@ -168,38 +236,48 @@ impl FlagDb {
         write_state(&self.conn, keys, state)
     }
 
-    /// The sealed row of one subject, opened.
-    pub fn subject(&self, keys: &Keys, key: &[u8; 32]) -> Result<Option<SubjectRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT ver, sealed FROM flags WHERE key = ?1")?;
-        let row: Option<(i64, Vec<u8>)> = stmt
-            .query_row([&key[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((ver, sealed)) = row else {
+    /// The sealed row of one subject, opened (`generation`: the installed snapshot's).
+    pub fn subject(
+        &self,
+        keys: &Keys,
+        key: &[u8; 32],
+        generation: u64,
+    ) -> Result<Option<SubjectRow>, StoreError> {
+        let Some((ver, plain)) = self.open_row(keys, Table::Flags, key, generation)? else {
             return Ok(None);
         };
-        let ver = u64::try_from(ver).map_err(|_| StoreError::Corrupt("negative version".into()))?;
-        let plain = keys.snapshot.open(&sealed, &flag_aad(key, ver))?;
         let flags: Vec<FlagRecord> =
             postcard::from_bytes(&plain).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(Some((ver, flags)))
     }
 
     /// A subject's recent contacts (newest first), empty when none are held.
-    pub fn contacts(&self, keys: &Keys, key: &[u8; 32]) -> Result<Vec<RecentContact>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT ver, sealed FROM contacts WHERE key = ?1")?;
-        let row: Option<(i64, Vec<u8>)> = stmt
-            .query_row([&key[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((ver, sealed)) = row else {
+    pub fn contacts(
+        &self,
+        keys: &Keys,
+        key: &[u8; 32],
+        generation: u64,
+    ) -> Result<Vec<RecentContact>, StoreError> {
+        let Some((_, plain)) = self.open_row(keys, Table::Contacts, key, generation)? else {
             return Ok(Vec::new());
         };
-        let ver = u64::try_from(ver).map_err(|_| StoreError::Corrupt("negative version".into()))?;
-        let plain = keys.snapshot.open(&sealed, &contacts_aad(key, ver))?;
         postcard::from_bytes(&plain).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    fn open_row(
+        &self,
+        keys: &Keys,
+        table: Table,
+        key: &[u8; 32],
+        generation: u64,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let Some((ver, sealed)) = read_row(&self.conn, table, key)? else {
+            return Ok(None);
+        };
+        let plain = keys
+            .snapshot
+            .open(&sealed, &table.aad(key, ver, generation))?;
+        Ok(Some((ver, plain)))
     }
 
     pub fn subject_count(&self) -> Result<u64, StoreError> {
@@ -209,105 +287,239 @@ impl FlagDb {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// Replaces every row and the state in one transaction.
+    /// The integrity record of the rows as they are now (every row read and MACed): what
+    /// the sealed [`DataState::rows`] must equal.
+    pub fn verify_rows(&self, keys: &Keys, generation: u64) -> Result<RowsDigest, StoreError> {
+        let mut d = RowsDigest::default();
+        for table in [Table::Flags, Table::Contacts] {
+            let mut stmt = self
+                .conn
+                .prepare(&format!("SELECT key, ver, sealed FROM {}", table.name()))?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let key: Vec<u8> = r.get(0)?;
+                let ver = row_version(r.get(1)?)?;
+                let sealed: Vec<u8> = r.get(2)?;
+                d.toggle(&table.mac(keys, &key, ver, generation, &sealed), true);
+            }
+        }
+        Ok(d)
+    }
+
+    /// Rows in both tables now (a cheap check after each write).
+    fn row_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT (SELECT count(*) FROM flags) + (SELECT count(*) FROM contacts)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Replaces every row and the state in one transaction; `state.rows` is set to the new
+    /// rows' integrity record (and `state.damaged` cleared: every row is new).
     pub fn replace_all<'a>(
         &mut self,
         keys: &Keys,
         ver: u64,
         subjects: impl IntoIterator<Item = ([u8; 32], &'a [FlagRecord])>,
         contacts: &[ContactsRow],
-        state: &DataState,
+        state: &mut DataState,
     ) -> Result<(), StoreError> {
+        let generation = state.generation;
+        let mut digest = RowsDigest::default();
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM flags", [])?;
         tx.execute("DELETE FROM contacts", [])?;
-        {
-            let mut ins = tx.prepare("INSERT INTO flags (key, ver, sealed) VALUES (?1, ?2, ?3)")?;
-            for (key, flags) in subjects {
-                let sealed = seal_row(keys, &key, ver, flags)?;
-                ins.execute(params![&key[..], to_i64(ver), sealed])?;
-            }
+        // Both tables were just emptied: rows go in without looking for an old one.
+        for (key, flags) in subjects {
+            let plain =
+                postcard::to_stdvec(flags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            insert_row(
+                &tx,
+                keys,
+                Table::Flags,
+                &key,
+                ver,
+                generation,
+                &plain,
+                &mut digest,
+            )?;
         }
-        write_contacts(&tx, keys, ver, contacts)?;
+        write_contacts(&tx, keys, ver, generation, contacts, &mut digest)?;
+        state.rows = Some(digest);
+        state.damaged = None;
         write_state(&tx, keys, state)?;
         tx.commit()?;
-        Ok(())
+        self.check_count(digest)
     }
 
     /// Writes (or deletes, when empty) the given subjects' rows and the state in one
-    /// transaction.
+    /// transaction, keeping `state.rows` up to date.
     pub fn update_subjects(
         &mut self,
         keys: &Keys,
         ver: u64,
         subjects: &[([u8; 32], Vec<FlagRecord>)],
         contacts: &[ContactsRow],
-        state: &DataState,
+        state: &mut DataState,
     ) -> Result<(), StoreError> {
+        let generation = state.generation;
+        let mut digest = state.rows.unwrap_or_default();
         let tx = self.conn.transaction()?;
-        write_contacts(&tx, keys, ver, contacts)?;
-        {
-            let mut up = tx.prepare(
-                "INSERT INTO flags (key, ver, sealed) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT(key) DO UPDATE SET ver = excluded.ver, sealed = excluded.sealed",
-            )?;
-            let mut del = tx.prepare("DELETE FROM flags WHERE key = ?1")?;
-            for (key, flags) in subjects {
-                if flags.is_empty() {
-                    del.execute([&key[..]])?;
-                } else {
-                    let sealed = seal_row(keys, key, ver, flags)?;
-                    up.execute(params![&key[..], to_i64(ver), sealed])?;
-                }
+        write_contacts(&tx, keys, ver, generation, contacts, &mut digest)?;
+        for (key, flags) in subjects {
+            if flags.is_empty() {
+                delete_row(&tx, keys, Table::Flags, key, generation, &mut digest)?;
+            } else {
+                let plain =
+                    postcard::to_stdvec(flags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                put_row(
+                    &tx,
+                    keys,
+                    Table::Flags,
+                    key,
+                    ver,
+                    generation,
+                    &plain,
+                    &mut digest,
+                )?;
             }
         }
+        state.rows = Some(digest);
         write_state(&tx, keys, state)?;
         tx.commit()?;
-        Ok(())
+        self.check_count(digest)
     }
 
     /// Deletes every flag row (self-shred after the wipe age), keeping the state.
-    pub fn clear_flags(&mut self, keys: &Keys, state: &DataState) -> Result<(), StoreError> {
+    pub fn clear_flags(&mut self, keys: &Keys, state: &mut DataState) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM flags", [])?;
         tx.execute("DELETE FROM contacts", [])?;
+        state.rows = Some(RowsDigest::default());
+        state.damaged = None;
         write_state(&tx, keys, state)?;
         tx.commit()?;
         self.conn
             .execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;")?;
         Ok(())
     }
+
+    /// After a write: the rows on disk are as many as the record says.
+    fn check_count(&self, digest: RowsDigest) -> Result<(), StoreError> {
+        let n = self.row_count()?;
+        if n != digest.count {
+            return Err(StoreError::Damaged(format!(
+                "{n} sealed rows after the write, the integrity record says {}",
+                digest.count
+            )));
+        }
+        Ok(())
+    }
 }
 
-fn seal_row(
+fn row_version(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt("negative version".into()))
+}
+
+fn read_row(
+    conn: &Connection,
+    table: Table,
+    key: &[u8],
+) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT ver, sealed FROM {} WHERE key = ?1",
+        table.name()
+    ))?;
+    let row: Option<(i64, Vec<u8>)> = stmt
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(v, sealed)| Ok((row_version(v)?, sealed)))
+        .transpose()
+}
+
+/// Removes a row's MAC from `digest` when it exists, then the row.
+fn delete_row(
+    conn: &Connection,
     keys: &Keys,
+    table: Table,
+    key: &[u8; 32],
+    generation: u64,
+    digest: &mut RowsDigest,
+) -> Result<(), StoreError> {
+    if let Some((old_ver, old)) = read_row(conn, table, key)? {
+        digest.toggle(&table.mac(keys, key, old_ver, generation, &old), false);
+        conn.prepare_cached(&format!("DELETE FROM {} WHERE key = ?1", table.name()))?
+            .execute([&key[..]])?;
+    }
+    Ok(())
+}
+
+/// Seals `plain` as the row `key` at `ver` (replacing any), keeping `digest` up to date.
+#[allow(clippy::too_many_arguments)]
+fn put_row(
+    conn: &Connection,
+    keys: &Keys,
+    table: Table,
     key: &[u8; 32],
     ver: u64,
-    flags: &[FlagRecord],
-) -> Result<Vec<u8>, StoreError> {
-    let plain = postcard::to_stdvec(flags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Ok(keys.snapshot.seal(&plain, &flag_aad(key, ver))?)
+    generation: u64,
+    plain: &[u8],
+    digest: &mut RowsDigest,
+) -> Result<(), StoreError> {
+    delete_row(conn, keys, table, key, generation, digest)?;
+    insert_row(conn, keys, table, key, ver, generation, plain, digest)
+}
+
+/// Seals `plain` as the new row `key` at `ver` (there is none), adding it to `digest`.
+#[allow(clippy::too_many_arguments)]
+fn insert_row(
+    conn: &Connection,
+    keys: &Keys,
+    table: Table,
+    key: &[u8; 32],
+    ver: u64,
+    generation: u64,
+    plain: &[u8],
+    digest: &mut RowsDigest,
+) -> Result<(), StoreError> {
+    let sealed = keys
+        .snapshot
+        .seal(plain, &table.aad(key, ver, generation))?;
+    conn.prepare_cached(&format!(
+        "INSERT INTO {} (key, ver, sealed) VALUES (?1, ?2, ?3)",
+        table.name()
+    ))?
+    .execute(params![&key[..], to_i64(ver), &sealed])?;
+    digest.toggle(&table.mac(keys, key, ver, generation, &sealed), true);
+    Ok(())
 }
 
 fn write_contacts(
     conn: &Connection,
     keys: &Keys,
     ver: u64,
+    generation: u64,
     rows: &[ContactsRow],
+    digest: &mut RowsDigest,
 ) -> Result<(), StoreError> {
-    let mut up = conn.prepare_cached(
-        "INSERT INTO contacts (key, ver, sealed) VALUES (?1, ?2, ?3) \
-         ON CONFLICT(key) DO UPDATE SET ver = excluded.ver, sealed = excluded.sealed",
-    )?;
-    let mut del = conn.prepare_cached("DELETE FROM contacts WHERE key = ?1")?;
     for (key, contacts) in rows {
         if contacts.is_empty() {
-            del.execute([&key[..]])?;
+            delete_row(conn, keys, Table::Contacts, key, generation, digest)?;
         } else {
             let plain =
                 postcard::to_stdvec(contacts).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let sealed = keys.snapshot.seal(&plain, &contacts_aad(key, ver))?;
-            up.execute(params![&key[..], to_i64(ver), sealed])?;
+            put_row(
+                conn,
+                keys,
+                Table::Contacts,
+                key,
+                ver,
+                generation,
+                &plain,
+                digest,
+            )?;
         }
     }
     Ok(())
@@ -337,6 +549,43 @@ fn write_state(conn: &Connection, keys: &Keys, state: &DataState) -> Result<(), 
         params![STATE, sealed],
     )?;
     Ok(())
+}
+
+const NEXT_SEQ: &str = "next_seq";
+
+/// Takes the outbox's next sequence number: above every number ever used, even those of
+/// events deleted since (a sealed counter that only rises), so a number — which each event's
+/// seal binds — is never given to two events.
+fn next_seq(conn: &Connection, keys: &Keys) -> Result<i64, StoreError> {
+    let after_rows: i64 =
+        conn.query_row("SELECT coalesce(max(seq), 0) + 1 FROM events", [], |r| {
+            r.get(0)
+        })?;
+    let sealed: Option<Vec<u8>> = conn
+        .query_row("SELECT sealed FROM kv WHERE name = ?1", [NEXT_SEQ], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let counted = match sealed {
+        None => 1,
+        Some(sealed) => {
+            let plain = keys.outbox.open(&sealed, b"kv\0next_seq")?;
+            let bytes: [u8; 8] = plain
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("outbox sequence counter".into()))?;
+            i64::from_le_bytes(bytes)
+        }
+    };
+    let seq = after_rows.max(counted);
+    let sealed = keys
+        .outbox
+        .seal(&(seq + 1).to_le_bytes(), b"kv\0next_seq")?;
+    conn.prepare_cached(
+        "INSERT INTO kv (name, sealed) VALUES (?1, ?2) \
+         ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed",
+    )?
+    .execute(params![NEXT_SEQ, sealed])?;
+    Ok(seq)
 }
 
 /// The outbox database: access events, durable before an answer is shown.
@@ -371,9 +620,7 @@ impl Outbox {
         high_water: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        let seq: i64 = tx.query_row("SELECT coalesce(max(seq), 0) + 1 FROM events", [], |r| {
-            r.get(0)
-        })?;
+        let seq = next_seq(&tx, keys)?;
         let plain = serde_json::to_vec(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let sealed = keys.outbox.seal(&plain, &event_aad(seq))?;
         tx.prepare_cached("INSERT INTO events (seq, sealed, sent) VALUES (?1, ?2, 0)")?

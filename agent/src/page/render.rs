@@ -490,7 +490,14 @@ fn answer(h: &mut Html, r: &LookupResponse) {
             result_open(h, "unknown", ICON_QUESTION, "UNKNOWN");
             subject(h, r);
             h.raw("<p class=\"lead\" id=\"unknown-reason\">Cannot say whether a flag is held: ");
+            let damaged = r.warnings.iter().any(|w| w.code == "store_damaged");
             match (r.data_as_of, r.data_age_secs) {
+                _ if damaged => {
+                    h.raw(
+                        "the flag data on this tablet is damaged (part of it is missing or \
+                         was replaced); a full copy is installed at the next sync.",
+                    );
+                }
                 (None, _) => {
                     h.raw("no flag data is on this tablet yet (it has not synced).");
                 }

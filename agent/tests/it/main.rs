@@ -11,6 +11,7 @@ mod common;
 mod crash;
 mod deps;
 mod freshness;
+mod integrity;
 mod lifecycle;
 mod lookup;
 mod net;
