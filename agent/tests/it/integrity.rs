@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use chrono::{Duration, Utc};
+use chrono::Utc;
 use cpis_agent::{Agent, LookupInput, SystemClock};
 use cpis_protocol::LookupResult;
 use cpis_protocol::local::LookupResponse;
@@ -38,17 +38,7 @@ async fn synced() -> (Env, tempfile::TempDir, Agent) {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let token = env.enrolment_token(1, Duration::hours(1)).await;
-    let agent = cpis_agent::sync::enrol(
-        dir.path(),
-        &env.base,
-        &env.ca,
-        &token,
-        None,
-        Arc::new(SystemClock),
-    )
-    .await
-    .unwrap();
+    let agent = env.enrol_agent(&env.base, dir.path()).await;
     cpis_agent::sync::sync_once(&agent, &|_, _| {})
         .await
         .unwrap();

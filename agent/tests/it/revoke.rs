@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::sync::Arc;
 
-use chrono::{Duration, Utc};
+use chrono::Utc;
 use cpis_agent::{Agent, LookupInput, SystemClock};
 use cpis_protocol::LookupResult;
 use cpis_sync_server::store::Store as _;
@@ -23,17 +23,7 @@ async fn revoked_device_wipes_itself_on_sync() {
     env.upload(LEICS, &[(nhs(0), "CPP", "2026-01-10", "")])
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let token = env.enrolment_token(1, Duration::hours(1)).await;
-    let agent = cpis_agent::sync::enrol(
-        dir.path(),
-        &env.base,
-        &env.ca,
-        &token,
-        None,
-        Arc::new(SystemClock),
-    )
-    .await
-    .unwrap();
+    let agent = env.enrol_agent(&env.base, dir.path()).await;
     cpis_agent::sync::sync_once(&agent, &|_, _| {})
         .await
         .unwrap();
@@ -134,17 +124,7 @@ async fn revoked_offline_tablet_delivers_every_notice_before_it_wipes() {
         .await;
     let proxy = Proxy::start(env.handle.local_addr()).await;
     let dir = tempfile::tempdir().unwrap();
-    let token = env.enrolment_token(1, Duration::hours(1)).await;
-    let agent = cpis_agent::sync::enrol(
-        dir.path(),
-        &proxy.base,
-        &env.ca,
-        &token,
-        None,
-        Arc::new(SystemClock),
-    )
-    .await
-    .unwrap();
+    let agent = env.enrol_agent(&proxy.base, dir.path()).await;
     cpis_agent::sync::sync_once(&agent, &|_, _| {})
         .await
         .unwrap();

@@ -187,6 +187,22 @@ impl Env {
         self.clock.now()
     }
 
+    /// A tablet enrolled (system clock) in `dir` against `base` (this server, or a proxy in
+    /// front of it) with a one-use token.
+    pub(crate) async fn enrol_agent(&self, base: &str, dir: &std::path::Path) -> cpis_agent::Agent {
+        let token = self.enrolment_token(1, chrono::Duration::hours(1)).await;
+        cpis_agent::sync::enrol(
+            dir,
+            base,
+            &self.ca,
+            &token,
+            None,
+            std::sync::Arc::new(cpis_agent::SystemClock),
+        )
+        .await
+        .unwrap()
+    }
+
     pub(crate) async fn enrolment_token(&self, uses: u32, ttl: chrono::Duration) -> String {
         let (token, hash) = tokens::new_secret(tokens::ENROLMENT_PREFIX);
         self.handle
