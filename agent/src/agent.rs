@@ -377,7 +377,10 @@ impl Agent {
         new.data = None;
         new.data_as_of = None;
         new.councils.clear();
+        // A new generation: a copy of the store from before the shred is then older.
+        new.generation += 1;
         db.clear_flags(&self.keys, &mut new)?;
+        self.raise_store_mark(&new);
         self.remember(db, new)
     }
 
@@ -481,9 +484,16 @@ impl Agent {
             let e = lock(&self.enrolment);
             DataState::empty(e.region.clone(), e.policy)
         });
-        if st.data.is_some() && st.damaged.is_none() {
+        if let Some((_, version)) = st.data
+            && st.damaged.is_none()
+        {
             let found = db.verify_rows(&self.keys, st.generation)?;
+            let mark = lock(&self.outbox).store_mark(&self.keys)?;
             let why = match st.rows {
+                _ if mark.is_some_and(|m| (st.generation, version) < m) => Some(
+                    "the flag store is older than this tablet's last install (put back from a copy)"
+                        .to_owned(),
+                ),
                 None => Some("the store was written without an integrity record".to_owned()),
                 Some(rec) if rec.count != found.count => Some(format!(
                     "{} sealed rows where the integrity record says {}",
@@ -505,6 +515,15 @@ impl Agent {
         let st = Arc::new(st);
         *lock(&self.cache) = Some((db.data_version()?, st.clone()));
         Ok(st)
+    }
+
+    /// Records in the outbox file how far the flag store has come (after its commit). A
+    /// failure is logged, not returned: the flag store is already committed.
+    fn raise_store_mark(&self, st: &DataState) {
+        let mark = (st.generation, st.data.map_or(0, |d| d.1));
+        if let Err(e) = lock(&self.outbox).raise_store_mark(&self.keys, mark) {
+            tracing::warn!("recording the flag store's mark in the outbox failed: {e}");
+        }
     }
 
     /// A sealed row that does not open (a copy from another snapshot generation or version)
@@ -668,6 +687,7 @@ impl Agent {
             &contacts,
             &mut st,
         )?;
+        self.raise_store_mark(&st);
         self.remember(&db, st)?;
         Ok(meta)
     }
@@ -761,6 +781,7 @@ impl Agent {
         };
         self.mark_verified(&mut st, as_of)?;
         db.update_subjects(&self.keys, meta.to_version, &rows, &contacts, &mut st)?;
+        self.raise_store_mark(&st);
         self.remember(&db, st)?;
         Ok(meta)
     }

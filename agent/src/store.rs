@@ -22,7 +22,9 @@
 //! key, version, generation and sealed bytes), kept up to date in the same transaction as
 //! every write, and checked against the rows when the store is opened or changed by another
 //! process ([`FlagDb::verify_rows`]). A row from an earlier snapshot does not even open:
-//! the generation is part of its associated data.
+//! the generation is part of its associated data. A whole `flags.db` put back from an older
+//! copy is consistent in itself, so the outbox file keeps the newest (generation, version)
+//! the store reached ([`Outbox::store_mark`]); a store older than that is damaged too.
 //!
 //! No NHS number, date or council detail is ever written in plaintext.
 
@@ -726,7 +728,43 @@ impl Outbox {
     pub fn set_high_water(&mut self, keys: &Keys, t: DateTime<Utc>) -> Result<(), StoreError> {
         write_high_water(&self.conn, keys, t)
     }
+
+    /// The newest (generation, version) the flag store has reached, recorded here, in the
+    /// other file, so that a `flags.db` put back from an older copy is seen to be older.
+    pub fn store_mark(&self, keys: &Keys) -> Result<Option<(u64, u64)>, StoreError> {
+        let sealed: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT sealed FROM kv WHERE name = ?1", [STORE_MARK], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
+        let plain = keys.meta.open(&sealed, b"kv\0flag_store_mark")?;
+        serde_json::from_slice(&plain)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Raises the mark to `mark` (never lowers it), committed (fsync).
+    pub fn raise_store_mark(&mut self, keys: &Keys, mark: (u64, u64)) -> Result<(), StoreError> {
+        if self.store_mark(keys)?.is_some_and(|m| m >= mark) {
+            return Ok(());
+        }
+        let plain = serde_json::to_vec(&mark).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let sealed = keys.meta.seal(&plain, b"kv\0flag_store_mark")?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO kv (name, sealed) VALUES (?1, ?2) \
+                 ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed",
+            )?
+            .execute(params![STORE_MARK, sealed])?;
+        Ok(())
+    }
 }
+
+const STORE_MARK: &str = "flag_store_mark";
 
 fn write_high_water(conn: &Connection, keys: &Keys, t: DateTime<Utc>) -> Result<(), StoreError> {
     let plain = serde_json::to_vec(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;

@@ -193,3 +193,49 @@ async fn the_outbox_never_reuses_a_sequence_number() {
         "{after:?} after {first:?}"
     );
 }
+
+/// Copies `flags.db` (with its `-wal` and `-shm`) from `from` to `to`.
+fn copy_flag_store(from: &std::path::Path, to: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let name = format!("flags.db{suffix}");
+        let _ = std::fs::remove_file(to.join(&name));
+        if from.join(&name).exists() {
+            std::fs::copy(from.join(&name), to.join(&name)).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_flag_store_put_back_from_an_older_copy_is_detected() {
+    let (env, dir, agent) = synced().await;
+    drop(agent);
+    let copy = tempfile::tempdir().unwrap();
+    copy_flag_store(dir.path(), copy.path());
+    // Subject 1's plan ends and subject 2 is flagged; the tablet applies the delta.
+    env.upload(
+        LEICS,
+        &[
+            (nhs(0), "CPP", "2026-01-10", ""),
+            (nhs(2), "CPP", "2026-02-01", ""),
+        ],
+    )
+    .await;
+    let agent = Agent::open(dir.path(), std::sync::Arc::new(SystemClock)).unwrap();
+    let synced = cpis_agent::sync::sync_once(&agent, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(synced.action, "delta");
+    assert_eq!(look(&agent, 2).result, LookupResult::Flagged);
+    drop(agent);
+    // The older store, consistent in itself, is put back: subject 2 would read "not flagged".
+    copy_flag_store(copy.path(), dir.path());
+    let agent = Agent::open(dir.path(), std::sync::Arc::new(SystemClock)).unwrap();
+    let r = look(&agent, 2);
+    assert_eq!(r.result, LookupResult::Unknown, "{r:?}");
+    assert!(damaged(&r));
+    let synced = cpis_agent::sync::sync_once(&agent, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(synced.action, "snapshot");
+    assert_eq!(look(&agent, 2).result, LookupResult::Flagged);
+}
