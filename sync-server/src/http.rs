@@ -3,7 +3,8 @@
 //! its own listener (loopback by default), never on the public one.
 //!
 //! Every API request passes, outermost first: [`record`] (metrics), [`credentials`] (is
-//! there a credential the server knows: client certificate or valid bearer token? — it
+//! there a credential the server knows: client certificate, valid bearer token or live page
+//! session? — it
 //! decides which slot pool sheds the request), the shedder, then [`deadline`] (the whole
 //! request, reading its body included, within `request_timeout_secs`, else `408`).
 
@@ -55,6 +56,11 @@ pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
     // Every API route is shed (429/503, see `shed`); `/healthz` and `/metrics` are not, so
     // the server reports healthy and stays measurable while it sheds.
     let shed = Arc::new(Shedder::new(&app.config, app.metrics.clone()));
+    let sessions = Arc::new(pages::PageSessions::new());
+    let known = Arc::new(Known {
+        app: app.clone(),
+        sessions: sessions.clone(),
+    });
     let api = Router::new()
         .route(
             "/v1/councils/{ods}/uploads",
@@ -90,15 +96,12 @@ pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
             &format!("{}/{{epoch}}/{{version}}", paths::SNAPSHOT_BODY_PREFIX),
             get(device::snapshot_body::<S>),
         )
-        .merge(pages::router(app.clone()))
+        .merge(pages::router(app.clone(), sessions))
         .fallback(ops::not_found)
         .layer(DefaultBodyLimit::max(64 * 1024))
         .layer(middleware::from_fn_with_state(app.clone(), deadline::<S>))
         .layer(middleware::from_fn_with_state(shed, crate::shed::layer))
-        .layer(middleware::from_fn_with_state(
-            app.clone(),
-            credentials::<S>,
-        ));
+        .layer(middleware::from_fn_with_state(known, credentials::<S>));
     Router::new()
         .route("/healthz", get(ops::healthz::<S>))
         .merge(api)
@@ -115,22 +118,31 @@ pub fn metrics_router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
 }
 
 /// A request that carries a credential the server knows: a client certificate (checked by
-/// TLS), or a council or trust admin bearer token valid now. Requests without one draw from
-/// the small anonymous pool of the shedder, so they can never starve tablets or councils.
+/// TLS), a council or trust admin bearer token valid now, or the cookie of a live page
+/// session. Requests without one draw from the small anonymous pool of the shedder, so they
+/// can never starve tablets or councils.
 #[derive(Debug, Clone, Copy)]
 pub struct Credentialed;
 
+/// What [`credentials`] checks a request against.
+#[derive(Debug)]
+struct Known<S> {
+    app: Arc<App<S>>,
+    sessions: Arc<pages::PageSessions>,
+}
+
 /// Marks requests with a known credential ([`Credentialed`]); reads headers only.
 async fn credentials<S: Store>(
-    State(app): State<Arc<App<S>>>,
+    State(known): State<Arc<Known<S>>>,
     mut req: Request,
     next: Next,
 ) -> Response {
+    let app = &known.app;
     let device = matches!(
         req.extensions().get::<crate::tls::ClientIdentity>(),
         Some(crate::tls::ClientIdentity(Some(_)))
     );
-    let known = device || {
+    let known = device || known.sessions.signed_in(req.headers(), app.clock.now()) || {
         let bearer = req
             .headers()
             .get(axum::http::header::AUTHORIZATION)

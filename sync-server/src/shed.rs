@@ -29,8 +29,8 @@
 //!   served in the last 5 s. New devices are turned away at once.
 //!
 //! * **Anonymous requests apart.** A request with no credential the server knows (no client
-//!   certificate, no valid council or trust admin bearer token: sign-in pages, enrolment, bad
-//!   tokens; see `http::Credentialed`) takes a slot of its own small pool,
+//!   certificate, no valid council or trust admin bearer token, no live page session: sign-in
+//!   pages, enrolment, bad tokens; see `http::Credentialed`) takes a slot of its own small pool,
 //!   `anonymous_concurrent_requests`, never one of `max_concurrent_requests`. A thousand
 //!   slow or hostile anonymous clients fill only that pool (then get 503 at once); tablets and
 //!   signed-in councils are served as before.

@@ -59,19 +59,43 @@ pub(crate) struct TrustUser {
 #[derive(Debug)]
 pub(crate) struct Pages<S> {
     pub(crate) app: Arc<App<S>>,
+    pub(crate) sessions: Arc<PageSessions>,
+}
+
+/// The page sessions of both kinds; the shedder's credential check reads them too, so a
+/// signed-in council or trust admin is served from the main pool, not the anonymous one.
+#[derive(Debug)]
+pub(crate) struct PageSessions {
     pub(crate) councils: Sessions<CouncilUser>,
     pub(crate) fleet: Sessions<TrustUser>,
+}
+
+impl PageSessions {
+    pub(crate) fn new() -> Self {
+        Self {
+            councils: Sessions::new(session::MAX_SESSIONS),
+            fleet: Sessions::new(session::MAX_SESSIONS),
+        }
+    }
+
+    /// Whether the request carries the cookie of a live session of either kind (its token
+    /// is checked again by the page itself).
+    pub(crate) fn signed_in(
+        &self,
+        headers: &HeaderMap,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
+        current(&self.councils, headers, council::SESSION_COOKIE, now).is_some()
+            || current(&self.fleet, headers, fleet::SESSION_COOKIE, now).is_some()
+    }
 }
 
 /// The page routes, with their own state, to merge into the API router.
 pub(crate) fn router<S: Store + Clone, T: Clone + Send + Sync + 'static>(
     app: Arc<App<S>>,
+    sessions: Arc<PageSessions>,
 ) -> Router<T> {
-    let pages = Arc::new(Pages {
-        app,
-        councils: Sessions::new(session::MAX_SESSIONS),
-        fleet: Sessions::new(session::MAX_SESSIONS),
-    });
+    let pages = Arc::new(Pages { app, sessions });
     Router::new()
         .route("/council", get(council::sign_in_page::<S>))
         .route("/council/sign-in", post(council::sign_in::<S>))

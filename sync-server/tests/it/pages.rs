@@ -23,8 +23,8 @@ const CSP: &str = "default-src 'none'; style-src 'self' 'unsafe-inline'; img-src
                    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// A page answer.
-struct Page {
-    status: u16,
+pub(crate) struct Page {
+    pub(crate) status: u16,
     headers: reqwest::header::HeaderMap,
     body: String,
 }
@@ -88,14 +88,14 @@ fn attr_after(body: &str, prefix: &str) -> Option<String> {
 }
 
 /// A browser stand-in: no redirects followed, cookies kept, same-origin headers on POSTs.
-struct Browser {
+pub(crate) struct Browser {
     client: reqwest::Client,
     base: String,
     cookies: BTreeMap<String, String>,
 }
 
 impl Browser {
-    fn new(env: &Env) -> Browser {
+    pub(crate) fn new(env: &Env) -> Browser {
         Self::with_alpn(env, true)
     }
 
@@ -159,7 +159,7 @@ impl Browser {
         }
     }
 
-    async fn get(&mut self, path: &str) -> Page {
+    pub(crate) async fn get(&mut self, path: &str) -> Page {
         let r = self
             .client
             .get(format!("{}{path}", self.base))
@@ -200,7 +200,7 @@ impl Browser {
     }
 
     /// Signs in at `/council` or `/fleet` with `token`.
-    async fn sign_in(&mut self, base: &str, token: &str) -> Page {
+    pub(crate) async fn sign_in(&mut self, base: &str, token: &str) -> Page {
         let form = self.get(base).await;
         assert_eq!(form.status, 200, "{}", form.body);
         let csrf = form.csrf();

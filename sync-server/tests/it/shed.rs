@@ -312,6 +312,9 @@ async fn anonymous_requests_have_their_own_pool_and_never_take_a_tablets_or_coun
     env.seed().await;
     let d = env.enrol(EM).await;
     let token = env.council_token(LEICS).await;
+    // A council signed in to its inbox page before the pool fills.
+    let mut inbox = crate::pages::Browser::new(&env);
+    assert_eq!(inbox.sign_in("/council", &token).await.status, 303);
     // Two enrolments whose bodies never come hold the whole anonymous pool.
     let held = vec![
         hold_an_anonymous_slot(&env).await,
@@ -323,7 +326,7 @@ async fn anonymous_requests_have_their_own_pool_and_never_take_a_tablets_or_coun
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // More anonymous requests (sign-in page, enrolment, a bad token) are shed at once ...
+    // More anonymous requests (the sign-in page, a bad token) are shed at once ...
     let page = env.client().get(env.url("/council")).send().await.unwrap();
     assert_eq!(page.status(), 503);
     assert!(retry_after(&page) >= 1);
@@ -351,6 +354,8 @@ async fn anonymous_requests_have_their_own_pool_and_never_take_a_tablets_or_coun
         .await
         .unwrap();
     assert_eq!(listing.status(), 200);
+    // A signed-in page session counts as a known credential too.
+    assert_eq!(inbox.get("/council/inbox").await.status, 200);
     let m = env.metrics().await;
     assert_eq!(
         metric(

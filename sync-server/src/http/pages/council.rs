@@ -24,12 +24,15 @@ use crate::fleet::format_age;
 use crate::store::{AttemptOutcome, MAX_UPLOAD_ATTEMPTS, Store};
 use crate::tokens;
 
+/// The council inbox page session's cookie.
+pub(crate) const SESSION_COOKIE: &str = "cpis_council";
+
 const SIGN_IN: SignIn = SignIn {
     base: "/council",
     title: "Council sign in",
     label: "Council token",
     hint: "The council's token (it starts cpis_ct_), as given by the CP-IS Edge administrator.",
-    cookie: "cpis_council",
+    cookie: SESSION_COOKIE,
     csrf_cookie: "cpis_council_csrf",
 };
 
@@ -59,8 +62,13 @@ async fn signed_in_with_id<S: Store>(
     pages: &Pages<S>,
     headers: &HeaderMap,
 ) -> Result<(String, Session<CouncilUser>), Response> {
-    let (id, session) = current(&pages.councils, headers, SIGN_IN.cookie, now(pages))
-        .ok_or_else(|| see_other(SIGN_IN.base, &[]))?;
+    let (id, session) = current(
+        &pages.sessions.councils,
+        headers,
+        SIGN_IN.cookie,
+        now(pages),
+    )
+    .ok_or_else(|| see_other(SIGN_IN.base, &[]))?;
     let still = pages
         .app
         .store
@@ -69,7 +77,7 @@ async fn signed_in_with_id<S: Store>(
         .map_err(|e| store_failed(&e, SIGN_IN.base))?;
     if still.as_ref().ok() != Some(&session.who.code) {
         tracing::info!(who = %session.who.code, "page session ended: its token was revoked or expired");
-        pages.councils.remove(&id);
+        pages.sessions.councils.remove(&id);
         return Err(see_other(SIGN_IN.base, &[]));
     }
     Ok((id, session))
@@ -128,7 +136,7 @@ pub(crate) async fn sign_in<S: Store>(
         .find(|c| c.code == code)
         .map_or_else(|| code.to_string(), |c| c.name);
     tracing::info!(council = %code, "council signed in to the inbox page");
-    let (id, _) = pages.councils.create(
+    let (id, _) = pages.sessions.councils.create(
         CouncilUser {
             code,
             name,
@@ -146,13 +154,17 @@ pub(crate) async fn sign_out<S: Store>(
     uri: Uri,
     body: Result<Form<Fields>, FormRejection>,
 ) -> PageResult {
-    let Some((id, session)) = current(&pages.councils, &headers, SIGN_IN.cookie, now(&pages))
-    else {
+    let Some((id, session)) = current(
+        &pages.sessions.councils,
+        &headers,
+        SIGN_IN.cookie,
+        now(&pages),
+    ) else {
         return Ok(SIGN_IN.signed_out());
     };
     let fields = form(body, "/council/inbox")?;
     check_post(&headers, &uri, &fields, &session.csrf, "/council/inbox")?;
-    pages.councils.remove(&id);
+    pages.sessions.councils.remove(&id);
     Ok(SIGN_IN.signed_out())
 }
 
@@ -456,7 +468,7 @@ pub(crate) async fn inbox<S: Store>(
     let fields = query.map(|Query(q)| q).unwrap_or_default();
     match Filter::parse(&fields) {
         Ok(filter) => {
-            let notice = pages.councils.take_flash(&id).map(Notice::Done);
+            let notice = pages.sessions.councils.take_flash(&id).map(Notice::Done);
             inbox_page(&pages, &session, &filter, StatusCode::OK, notice, true).await
         }
         Err((filter, message)) => {
@@ -543,7 +555,7 @@ pub(crate) async fn ack<S: Store>(
     };
     app.metrics.notifications_acknowledged.inc_by(acknowledged);
     tracing::info!(council = %session.who.code, acknowledged, "notifications acknowledged on the inbox page");
-    pages.councils.set_flash(
+    pages.sessions.councils.set_flash(
         &session_id,
         format!(
             "{acknowledged} notice{} acknowledged.",

@@ -23,13 +23,16 @@ use crate::fleet::{DataStatus, FleetRow, format_age, view};
 use crate::store::{DeviceRecord, Store};
 use crate::tokens;
 
+/// The trust fleet page session's cookie.
+pub(crate) const SESSION_COOKIE: &str = "cpis_fleet";
+
 const SIGN_IN: SignIn = SignIn {
     base: "/fleet",
     title: "Trust fleet sign in",
     label: "Trust admin token",
     hint: "Your trust's admin token (it starts cpis_at_), made with \
            `cpis-sync-server admin trust token --trust CODE`.",
-    cookie: "cpis_fleet",
+    cookie: SESSION_COOKIE,
     csrf_cookie: "cpis_fleet_csrf",
 };
 
@@ -56,7 +59,7 @@ async fn signed_in_with_id<S: Store>(
     pages: &Pages<S>,
     headers: &HeaderMap,
 ) -> Result<(String, Session<TrustUser>), Response> {
-    let (id, session) = current(&pages.fleet, headers, SIGN_IN.cookie, now(pages))
+    let (id, session) = current(&pages.sessions.fleet, headers, SIGN_IN.cookie, now(pages))
         .ok_or_else(|| see_other(SIGN_IN.base, &[]))?;
     let still = pages
         .app
@@ -66,7 +69,7 @@ async fn signed_in_with_id<S: Store>(
         .map_err(|e| store_failed(&e, SIGN_IN.base))?;
     if still.as_ref().ok() != Some(&session.who.code) {
         tracing::info!(who = %session.who.code, "page session ended: its token was revoked or expired");
-        pages.fleet.remove(&id);
+        pages.sessions.fleet.remove(&id);
         return Err(see_other(SIGN_IN.base, &[]));
     }
     Ok((id, session))
@@ -119,7 +122,7 @@ pub(crate) async fn sign_in<S: Store>(
         .find(|t| t.code == code)
         .map_or_else(|| code.to_string(), |t| t.name);
     tracing::info!(trust = %code, "trust admin signed in to the fleet page");
-    let (id, _) = pages.fleet.create(
+    let (id, _) = pages.sessions.fleet.create(
         TrustUser {
             code,
             name,
@@ -137,12 +140,13 @@ pub(crate) async fn sign_out<S: Store>(
     uri: Uri,
     body: Result<Form<Fields>, FormRejection>,
 ) -> PageResult {
-    let Some((id, session)) = current(&pages.fleet, &headers, SIGN_IN.cookie, now(&pages)) else {
+    let Some((id, session)) = current(&pages.sessions.fleet, &headers, SIGN_IN.cookie, now(&pages))
+    else {
         return Ok(SIGN_IN.signed_out());
     };
     let fields = form(body, "/fleet/devices")?;
     check_post(&headers, &uri, &fields, &session.csrf, "/fleet/devices")?;
-    pages.fleet.remove(&id);
+    pages.sessions.fleet.remove(&id);
     Ok(SIGN_IN.signed_out())
 }
 
@@ -217,7 +221,11 @@ pub(crate) async fn devices<S: Store>(
     let (revoked, active): (Vec<&FleetRow>, Vec<&FleetRow>) = rows
         .iter()
         .partition(|r| r.entry.device.revoked_at.is_some());
-    let notice = pages.fleet.take_flash(&session_id).map(Notice::Done);
+    let notice = pages
+        .sessions
+        .fleet
+        .take_flash(&session_id)
+        .map(Notice::Done);
     let mut body = format!(
         "<p>Tablets of {} only. Stalest data first. Data age is the server's time now minus the \
          time of the tablet's newest verified data; outbox is the lookups the tablet has not yet \
@@ -378,7 +386,7 @@ pub(crate) async fn revoke<S: Store>(
         device = %device.id, trust = %session.who.code, changed,
         "device revoked from the fleet page"
     );
-    pages.fleet.set_flash(
+    pages.sessions.fleet.set_flash(
         &session_id,
         format!(
             "{} was revoked. It is refused from now on and erases its data at its next contact.",
