@@ -479,11 +479,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Wipe { state_dir } => {
+            // Never silently: say how many notices the wipe destroys unsent.
+            let unsent = Agent::open(&state_dir, clock())
+                .and_then(|a| a.outbox_counts())
+                .map_or(0, |(pending, _)| pending);
             Agent::wipe(&state_dir)?;
             println!(
                 "Wiped {}: the device key was destroyed and the data files removed.",
                 state_dir.display()
             );
+            if unsent > 0 {
+                eprintln!(
+                    "warning: {unsent} access notice(s) not yet sent to the server were destroyed \
+                     with it (sync first, when the tablet has a connection, to deliver them)"
+                );
+            }
             Ok(())
         }
     }

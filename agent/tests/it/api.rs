@@ -121,6 +121,9 @@ fn cli_exit_codes() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("UNKNOWN"));
     let o = run(&["wipe", "--state-dir", d]);
     assert_eq!(o.status.code(), Some(0));
+    // The two lookups' notices were never sent: the wipe says it destroyed them.
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(said.contains("2 access notice(s) not yet sent"), "{said}");
     assert!(!dir.path().join("keys").exists());
     let o = run(&["status", "--state-dir", d]);
     assert_eq!(o.status.code(), Some(3));
