@@ -563,30 +563,9 @@ fn next_seq(conn: &Connection, keys: &Keys) -> Result<i64, StoreError> {
         conn.query_row("SELECT coalesce(max(seq), 0) + 1 FROM events", [], |r| {
             r.get(0)
         })?;
-    let sealed: Option<Vec<u8>> = conn
-        .query_row("SELECT sealed FROM kv WHERE name = ?1", [NEXT_SEQ], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    let counted = match sealed {
-        None => 1,
-        Some(sealed) => {
-            let plain = keys.outbox.open(&sealed, b"kv\0next_seq")?;
-            let bytes: [u8; 8] = plain
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("outbox sequence counter".into()))?;
-            i64::from_le_bytes(bytes)
-        }
-    };
+    let counted: i64 = read_kv(conn, keys, NEXT_SEQ)?.unwrap_or(1);
     let seq = after_rows.max(counted);
-    let sealed = keys
-        .outbox
-        .seal(&(seq + 1).to_le_bytes(), b"kv\0next_seq")?;
-    conn.prepare_cached(
-        "INSERT INTO kv (name, sealed) VALUES (?1, ?2) \
-         ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed",
-    )?
-    .execute(params![NEXT_SEQ, sealed])?;
+    write_kv(conn, keys, NEXT_SEQ, &(seq + 1))?;
     Ok(seq)
 }
 
@@ -627,7 +606,7 @@ impl Outbox {
         let sealed = keys.outbox.seal(&plain, &event_aad(seq))?;
         tx.prepare_cached("INSERT INTO events (seq, sealed, sent) VALUES (?1, ?2, 0)")?
             .execute(params![seq, sealed])?;
-        write_high_water(&tx, keys, high_water)?;
+        write_kv(&tx, keys, HIGH_WATER, &high_water)?;
         tx.commit()?;
         Ok(())
     }
@@ -710,41 +689,17 @@ impl Outbox {
 
     /// The highest tablet clock reading recorded.
     pub fn high_water(&self, keys: &Keys) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let sealed: Option<Vec<u8>> = self
-            .conn
-            .query_row("SELECT sealed FROM kv WHERE name = ?1", [HIGH_WATER], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        let Some(sealed) = sealed else {
-            return Ok(None);
-        };
-        let plain = keys.meta.open(&sealed, b"kv\0clock_high_water")?;
-        serde_json::from_slice(&plain)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
+        read_kv(&self.conn, keys, HIGH_WATER)
     }
 
     pub fn set_high_water(&mut self, keys: &Keys, t: DateTime<Utc>) -> Result<(), StoreError> {
-        write_high_water(&self.conn, keys, t)
+        write_kv(&self.conn, keys, HIGH_WATER, &t)
     }
 
     /// The newest (generation, version) the flag store has reached, recorded here, in the
     /// other file, so that a `flags.db` put back from an older copy is seen to be older.
     pub fn store_mark(&self, keys: &Keys) -> Result<Option<(u64, u64)>, StoreError> {
-        let sealed: Option<Vec<u8>> = self
-            .conn
-            .query_row("SELECT sealed FROM kv WHERE name = ?1", [STORE_MARK], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        let Some(sealed) = sealed else {
-            return Ok(None);
-        };
-        let plain = keys.meta.open(&sealed, b"kv\0flag_store_mark")?;
-        serde_json::from_slice(&plain)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
+        read_kv(&self.conn, keys, STORE_MARK)
     }
 
     /// Raises the mark to `mark` (never lowers it), committed (fsync).
@@ -752,27 +707,50 @@ impl Outbox {
         if self.store_mark(keys)?.is_some_and(|m| m >= mark) {
             return Ok(());
         }
-        let plain = serde_json::to_vec(&mark).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let sealed = keys.meta.seal(&plain, b"kv\0flag_store_mark")?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO kv (name, sealed) VALUES (?1, ?2) \
-                 ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed",
-            )?
-            .execute(params![STORE_MARK, sealed])?;
-        Ok(())
+        write_kv(&self.conn, keys, STORE_MARK, &mark)
     }
 }
 
-const STORE_MARK: &str = "flag_store_mark";
+/// A sealed value of the outbox's `kv` table (AAD `kv\0` + its name).
+fn read_kv<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    keys: &Keys,
+    name: &str,
+) -> Result<Option<T>, StoreError> {
+    let sealed: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT sealed FROM kv WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?;
+    let Some(sealed) = sealed else {
+        return Ok(None);
+    };
+    let plain = keys.meta.open(&sealed, &kv_aad(name))?;
+    serde_json::from_slice(&plain)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
 
-fn write_high_water(conn: &Connection, keys: &Keys, t: DateTime<Utc>) -> Result<(), StoreError> {
-    let plain = serde_json::to_vec(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let sealed = keys.meta.seal(&plain, b"kv\0clock_high_water")?;
+/// Seals and writes a value of the outbox's `kv` table.
+fn write_kv<T: Serialize>(
+    conn: &Connection,
+    keys: &Keys,
+    name: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let plain = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let sealed = keys.meta.seal(&plain, &kv_aad(name))?;
     conn.prepare_cached(
         "INSERT INTO kv (name, sealed) VALUES (?1, ?2) \
          ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed",
     )?
-    .execute(params![HIGH_WATER, sealed])?;
+    .execute(params![name, sealed])?;
     Ok(())
 }
+
+fn kv_aad(name: &str) -> Vec<u8> {
+    let mut aad = b"kv\0".to_vec();
+    aad.extend_from_slice(name.as_bytes());
+    aad
+}
+
+const STORE_MARK: &str = "flag_store_mark";
