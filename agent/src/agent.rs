@@ -356,7 +356,10 @@ impl Agent {
             write_private(&p, reason.as_bytes()).map_err(io_err(&p))?;
             *lock(&self.revoked) = Some(reason.to_owned());
         }
-        self.drop_flags()?;
+        // Once is enough: every later sync of a revoked device comes back here.
+        if self.state()?.data.is_some() {
+            self.drop_flags()?;
+        }
         let dl = self.dir.downloads();
         if dl.exists() {
             std::fs::remove_dir_all(&dl).map_err(io_err(&dl))?;

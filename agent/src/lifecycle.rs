@@ -28,23 +28,23 @@ pub async fn retire(agent: &Agent, client: &DeviceClient, reason: &str) -> Agent
     if let Err(e) = agent.mark_revoked(reason) {
         return e;
     }
-    let sent = match crate::sync::upload_events(agent, client).await {
-        Ok(sent) => sent,
+    let (sent, cause) = match crate::sync::upload_events(agent, client).await {
+        Ok(sent) => (sent, None),
         Err(e) => {
             tracing::warn!("revoked: access notices not delivered yet: {e}");
-            return pending_or(agent, reason, e);
+            (0, Some(e.to_string()))
         }
     };
-    match agent.outbox_counts() {
-        Ok((0, _)) => {}
-        Ok((pending, _)) => {
-            return AgentError::RevokedPending {
-                reason: reason.to_owned(),
-                pending,
-                cause: Some("the server stored none of the last batch".into()),
-            };
-        }
+    let pending = match agent.outbox_counts() {
+        Ok((pending, _)) => pending,
         Err(e) => return e,
+    };
+    if pending > 0 {
+        return AgentError::RevokedPending {
+            reason: reason.to_owned(),
+            pending,
+            cause: Some(cause.unwrap_or_else(|| "the server stored none of the last batch".into())),
+        };
     }
     if let Err(e) = agent.shred() {
         tracing::error!("wiping the revoked device failed: {e}");
@@ -55,18 +55,6 @@ pub async fn retire(agent: &Agent, client: &DeviceClient, reason: &str) -> Agent
         "this device was revoked ({reason}); {sent} access notice(s) were delivered first, \
          then its data was shredded"
     ))
-}
-
-/// `RevokedPending` with the outbox's count, or `e` when even that cannot be read.
-fn pending_or(agent: &Agent, reason: &str, e: AgentError) -> AgentError {
-    match agent.outbox_counts() {
-        Ok((pending, _)) => AgentError::RevokedPending {
-            reason: reason.to_owned(),
-            pending,
-            cause: Some(e.to_string()),
-        },
-        Err(_) => e,
-    }
 }
 
 /// Renewal starts when less than this much of the certificate's life is left ...

@@ -100,7 +100,8 @@ fn events_worth_sending(e: &AgentError, server_answered: bool) -> bool {
 /// server answered (a checkpoint refused as expired, a bad signature, a connection cut
 /// mid-transfer…), pending access events are still sent over the same connection before the
 /// feed's error is returned (see `events_worth_sending`). A revoked device delivers its
-/// outbox, then shreds its state directory ([`crate::lifecycle::retire`]). When the feed fails with a bad signature under the pinned key, the key chain
+/// outbox, then shreds its state directory ([`crate::lifecycle::retire`]). When the feed
+/// fails with a bad signature under the pinned key, the key chain
 /// is fetched and followed from the pinned key; if it leads to a new key, that key is
 /// pinned and the sync retried once.
 pub async fn sync_once(

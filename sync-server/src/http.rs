@@ -3,10 +3,10 @@
 //! its own listener (loopback by default), never on the public one.
 //!
 //! Every API request passes, outermost first: [`record`] (metrics), [`credentials`] (is
-//! there a credential the server knows: client certificate, valid bearer token or live page
-//! session? — it
-//! decides which slot pool sheds the request), the shedder, then [`deadline`] (the whole
-//! request, reading its body included, within `request_timeout_secs`, else `408`).
+//! there a credential the server knows — client certificate, valid bearer token or live
+//! page session? — which decides the pool that sheds it), the shedder, then [`deadline`]
+//! (the whole request, reading its body included, within `request_timeout_secs`, else
+//! `408`).
 
 use std::sync::Arc;
 
@@ -143,12 +143,7 @@ async fn credentials<S: Store>(
         Some(crate::tls::ClientIdentity(Some(_)))
     );
     let known = device || known.sessions.signed_in(req.headers(), app.clock.now()) || {
-        let bearer = req
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(crate::tokens::hash);
+        let bearer = crate::tokens::bearer(req.headers()).map(crate::tokens::hash);
         match bearer {
             None => false,
             Some(hash) => {

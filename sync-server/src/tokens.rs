@@ -26,3 +26,11 @@ pub fn new_secret(prefix: &str) -> (String, [u8; 32]) {
 pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.trim().as_bytes()).into()
 }
+
+/// The token of an `Authorization: Bearer TOKEN` header, if the request has one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cpis_protocol::CouncilCode;
 use cpis_protocol::api::{ErrorDetail, UploadReceipt, UploadRejection, codes};
@@ -28,13 +28,9 @@ pub(crate) async fn authorise<S: Store>(
     headers: &HeaderMap,
     ods: &str,
 ) -> Result<CouncilCode, ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::unauthorised("send the council's token as `Authorization: Bearer TOKEN`")
-        })?;
+    let token = tokens::bearer(headers).ok_or_else(|| {
+        ApiError::unauthorised("send the council's token as `Authorization: Bearer TOKEN`")
+    })?;
     let council = app
         .store
         .council_for_token(tokens::hash(token), app.clock.now())
