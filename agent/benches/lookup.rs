@@ -15,19 +15,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDate, Utc};
-use cpis_agent::agent::{Enrolment, TlsMaterial};
+use chrono::{DateTime, Utc};
 use cpis_agent::keystore::MasterKey;
 use cpis_agent::store::{DataState, FlagDb};
 use cpis_agent::{Agent, Clock, LookupInput, ManualClock};
-use cpis_protocol::{
-    Checkpoint, FlagRecord, NhsNumber, Policy, PublicKey, SignedMessage, SigningKey, SnapshotBody,
-    SnapshotMeta, encode_body,
-};
+use cpis_protocol::{FlagRecord, NhsNumber, Policy};
 use rand::SeedableRng as _;
 use rand::seq::SliceRandom as _;
 
@@ -46,13 +44,16 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200_000);
     let seed = 2026;
-    let day = NaiveDate::from_ymd_opt(2026, 11, 1).unwrap();
-    let config = cpis_fixtures::Config::new(seed, day);
-    let dir0 = cpis_fixtures::Directory::generate(&config).unwrap();
-    let region = dir0.regions[0].id.clone();
-    let ds = cpis_fixtures::Dataset::generate_region(&config, &region, n).unwrap();
-    let flags: Vec<FlagRecord> = ds.flags().cloned().collect();
-    let councils: Vec<_> = ds.directory.councils.iter().map(|c| c.info()).collect();
+    let now: DateTime<Utc> = "2026-11-01T12:00:00Z".parse().unwrap();
+    let common::Region {
+        flags,
+        councils,
+        snapshot: signed,
+        body: bytes,
+        checkpoint: cp,
+        enrolment,
+    } = common::region(n, seed, now);
+    let region = enrolment.region.clone();
     println!(
         "benchmark: {} flags, {} councils, seed {seed}, SQLite {}",
         flags.len(),
@@ -60,54 +61,17 @@ fn main() {
         rusqlite::version()
     );
 
-    let now: DateTime<Utc> = "2026-11-01T12:00:00Z".parse().unwrap();
-    let key = SigningKey::from_bytes(&[7u8; 32]);
-    let body = SnapshotBody {
-        councils: councils.clone(),
-        flags: flags.clone(),
-        contacts: vec![],
-    };
-    let (bytes, info) = encode_body(&body, 3).unwrap();
-    let meta = SnapshotMeta {
-        region: region.clone(),
-        epoch: 1,
-        version: 100,
-        server_time: now,
-        flag_count: flags.len() as u64,
-        body: info,
-    };
-    let signed = SignedMessage::sign(&key, &meta);
-    let cp = SignedMessage::sign(
-        &key,
-        &Checkpoint {
-            region: region.clone(),
-            epoch: 1,
-            head_version: 100,
-            server_time: now,
-            expires_at: now + chrono::Duration::days(1),
-            policy: Policy::default(),
-        },
-    );
-
     // Full install through the agent.
     let tmp = tempfile::tempdir().unwrap();
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(now));
-    let enrolment = Enrolment {
-        device_id: cpis_protocol::DeviceId::new(),
-        trust: "ZA1".parse().unwrap(),
-        region: region.clone(),
-        server: "https://127.0.0.1:1".into(),
-        signing_key: PublicKey::from(&key),
-        policy: Policy::default(),
-        client_cert_expires_at: now,
-        name: None,
-    };
-    let tls = TlsMaterial {
-        ca_pem: String::new(),
-        cert_pem: String::new(),
-        key_pem: String::new(),
-    };
-    let agent = Agent::create(&tmp.path().join("agent"), &enrolment, &tls, clock).unwrap();
+    let agent = Agent::create(
+        &tmp.path().join("agent"),
+        &enrolment,
+        &common::no_tls(),
+        cpis_protocol::KeyProtection::File,
+        clock,
+    )
+    .unwrap();
     let vcp = agent.accept_checkpoint(&cp).unwrap();
     let t = Instant::now();
     agent.apply_snapshot(&vcp, &signed, &bytes).unwrap();

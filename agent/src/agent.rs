@@ -2,11 +2,13 @@
 //! Lookups and status live in [`crate::lookup`].
 //!
 //! Layout of a state directory:
-//! * `keys/master.key` — the device master key (0600), behind [`Keystore`];
-//! * `keys/device.key.pem` (0600), `keys/device.cert.pem`, `keys/ca.pem` — mTLS identity and
-//!   the only CA trusted for the server; during a certificate renewal also
-//!   `keys/device.key.next.pem`, `keys/device.cert.next.pem` and the commit marker
-//!   `keys/renew.commit` (see [`Agent::install_identity`]);
+//! * `keys/master.tpm2` — the device master key sealed by the TPM 2.0 (see [`crate::tpm2`]),
+//!   or `keys/master.key` (0600) where there is none; behind [`Keystore`];
+//! * `keys/device.key.sealed` — the mTLS private key, sealed under the master key (never a
+//!   plain file); `keys/device.cert.pem`, `keys/ca.pem` — the certificate and the only CA
+//!   trusted for the server; during a certificate renewal also `keys/device.key.next.sealed`,
+//!   `keys/device.cert.next.pem` and the commit marker `keys/renew.commit` (see
+//!   [`Agent::install_identity`]);
 //! * `enrolment.sealed` — device id, trust, region, server URL, pinned signing key, policy;
 //! * `flags.db`, `outbox.db` — see [`crate::store`];
 //! * `downloads/snapshot.sealed` — an unfinished snapshot download, sealed chunk by chunk;
@@ -21,13 +23,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use cpis_protocol::{
-    Change, Checkpoint, DeltaBody, DeltaMeta, DeviceId, FlagRecord, NhsNumber, NhsNumberError,
-    Policy, Position, PublicKey, RecentContact, RegionId, SignedMessage, SnapshotBody,
-    SnapshotMeta, TrustCode, VerifyError,
+    Change, Checkpoint, DeltaBody, DeltaMeta, DeviceId, FlagRecord, KeyProtection, NhsNumber,
+    NhsNumberError, Policy, Position, PublicKey, RecentContact, RegionId, SignedMessage,
+    SnapshotBody, SnapshotMeta, TrustCode, VerifyError,
 };
 
 use crate::clock::Clock;
-use crate::keystore::{FileKeystore, KeyError, Keys, Keystore, shred_file, write_private};
+use crate::keystore::{KeyError, Keys, Keystore, shred_file, write_private};
 use crate::store::{ContactsRow, DataState, FlagDb, Outbox, StoreError};
 
 /// What went wrong in an agent operation.
@@ -86,7 +88,10 @@ impl From<VerifyError> for AgentError {
 impl From<KeyError> for AgentError {
     fn from(e: KeyError) -> Self {
         match e {
-            KeyError::Missing => AgentError::NotEnrolled(e.to_string()),
+            // A key that does not unseal here opens nothing, for good: as if never enrolled.
+            KeyError::Missing | KeyError::NotThisTpm { .. } => {
+                AgentError::NotEnrolled(e.to_string())
+            }
             e => AgentError::Key(e),
         }
     }
@@ -159,7 +164,13 @@ impl StateDir {
     pub fn outbox_db(&self) -> PathBuf {
         self.root.join("outbox.db")
     }
+    /// The mTLS private key, sealed under the master key.
     pub fn device_key(&self) -> PathBuf {
+        self.keys_dir().join("device.key.sealed")
+    }
+    /// Where agents before sealed TLS keys kept the private key in plain PEM; moved into
+    /// [`StateDir::device_key`] (and shredded) when the state directory is opened.
+    pub fn legacy_device_key(&self) -> PathBuf {
         self.keys_dir().join("device.key.pem")
     }
     pub fn device_cert(&self) -> PathBuf {
@@ -174,7 +185,7 @@ impl StateDir {
     }
     /// A renewed private key, before it is committed.
     pub fn next_device_key(&self) -> PathBuf {
-        self.keys_dir().join("device.key.next.pem")
+        self.keys_dir().join("device.key.next.sealed")
     }
     /// A renewed certificate, before it is committed.
     pub fn next_device_cert(&self) -> PathBuf {
@@ -189,8 +200,9 @@ impl StateDir {
     pub fn revoked(&self) -> PathBuf {
         self.root.join("revoked")
     }
-    pub fn keystore(&self) -> FileKeystore {
-        FileKeystore::in_state_dir(&self.root)
+    /// The keystore holding this directory's master key (TPM 2.0 or file).
+    pub fn keystore(&self) -> Result<Box<dyn Keystore>, KeyError> {
+        crate::keystore::existing(&self.root)
     }
 }
 
@@ -210,6 +222,8 @@ impl VerifiedCheckpoint {
 pub struct Agent {
     pub(crate) dir: StateDir,
     pub(crate) keys: Keys,
+    /// How the master key is protected (reported in the status and to the fleet view).
+    key_protection: KeyProtection,
     /// The enrolment; the pinned signing key and certificate expiry change over its life.
     enrolment: Mutex<Enrolment>,
     /// Set when the device has crypto-shredded itself: nothing is answered from then on.
@@ -229,6 +243,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const ENROLMENT_AAD: &[u8] = b"meta\0enrolment";
+const DEVICE_KEY_AAD: &[u8] = b"meta\0device-key";
 
 impl Agent {
     /// Writes a new state directory after a successful enrolment.
@@ -236,6 +251,7 @@ impl Agent {
         dir: &Path,
         enrolment: &Enrolment,
         tls: &TlsMaterial,
+        keystore: KeyProtection,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AgentError> {
         let sd = StateDir::new(dir);
@@ -246,9 +262,8 @@ impl Agent {
             )));
         }
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let keys = sd.keystore().create()?.derive();
-        write_private(&sd.device_key(), tls.key_pem.as_bytes())
-            .map_err(io_err(&sd.device_key()))?;
+        let keys = crate::keystore::new(dir, keystore)?.create()?.derive();
+        write_sealed_key(&keys, &sd.device_key(), &tls.key_pem)?;
         write_private(&sd.device_cert(), tls.cert_pem.as_bytes())
             .map_err(io_err(&sd.device_cert()))?;
         write_private(&sd.ca(), tls.ca_pem.as_bytes()).map_err(io_err(&sd.ca()))?;
@@ -281,7 +296,9 @@ impl Agent {
             }
             Err(e) => return Err(io_err(&sd.enrolment())(e)),
         };
-        let keys = sd.keystore().load()?.derive();
+        let keystore = sd.keystore()?;
+        let keys = keystore.load()?.derive();
+        seal_legacy_device_keys(&sd, &keys)?;
         recover_identity(&sd)?;
         let plain = keys.meta.open(&sealed, ENROLMENT_AAD)?;
         let enrolment: Enrolment = serde_json::from_slice(&plain)
@@ -296,6 +313,7 @@ impl Agent {
         Ok(Self {
             dir: sd,
             keys,
+            key_protection: keystore.protection(),
             enrolment: Mutex::new(enrolment),
             shredded: AtomicBool::new(false),
             revoked: Mutex::new(revoked),
@@ -309,6 +327,17 @@ impl Agent {
     /// The enrolment as it stands (pinned key and certificate expiry may have moved on).
     pub fn enrolment(&self) -> Enrolment {
         lock(&self.enrolment).clone()
+    }
+
+    /// How the device master key is protected.
+    pub fn key_protection(&self) -> KeyProtection {
+        self.key_protection
+    }
+
+    /// The mTLS private key (PEM), opened from its sealed file.
+    pub fn device_key_pem(&self) -> Result<String, AgentError> {
+        self.check_not_shredded()?;
+        read_sealed_key(&self.keys, &self.dir.device_key())
     }
 
     /// The key that must sign every checkpoint, snapshot and delta.
@@ -446,8 +475,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         self.check_live()?;
         let sd = &self.dir;
-        write_private(&sd.next_device_key(), key_pem.as_bytes())
-            .map_err(io_err(&sd.next_device_key()))?;
+        write_sealed_key(&self.keys, &sd.next_device_key(), key_pem)?;
         write_private(&sd.next_device_cert(), cert_pem.as_bytes())
             .map_err(io_err(&sd.next_device_cert()))?;
         write_private(&sd.renew_commit(), b"commit\n").map_err(io_err(&sd.renew_commit()))?;
@@ -832,9 +860,10 @@ impl Agent {
     /// directory. Without the key nothing left behind can be read.
     pub fn wipe(dir: &Path) -> Result<(), AgentError> {
         let sd = StateDir::new(dir);
-        sd.keystore().destroy()?;
+        sd.keystore()?.destroy()?;
         for p in [
             sd.device_key(),
+            sd.legacy_device_key(),
             sd.device_cert(),
             sd.next_device_key(),
             sd.next_device_cert(),
@@ -863,6 +892,52 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The device's mutual-TLS identity in a state directory: its certificate and private key
+/// (PEM), the key opened with the master key. For tools that act as the tablet; opens
+/// neither database.
+pub fn device_identity(dir: &Path) -> Result<(String, String), AgentError> {
+    let sd = StateDir::new(dir);
+    let keys = sd.keystore()?.load()?.derive();
+    let cert_path = sd.device_cert();
+    let cert = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+    Ok((cert, read_sealed_key(&keys, &sd.device_key())?))
+}
+
+fn read_sealed_key(keys: &Keys, path: &Path) -> Result<String, AgentError> {
+    let sealed = std::fs::read(path).map_err(io_err(path))?;
+    let pem = keys.meta.open(&sealed, DEVICE_KEY_AAD)?;
+    String::from_utf8(pem)
+        .map_err(|_| AgentError::Store(StoreError::Corrupt("the device key is not PEM".into())))
+}
+
+/// Writes a private key (PEM) sealed under the master key.
+fn write_sealed_key(keys: &Keys, path: &Path, pem: &str) -> Result<(), AgentError> {
+    let sealed = keys.meta.seal(pem.as_bytes(), DEVICE_KEY_AAD)?;
+    write_private(path, &sealed).map_err(io_err(path))
+}
+
+/// A state directory enrolled before TLS keys were sealed holds its private keys (the
+/// current one, and a renewed one mid-renewal) in plain PEM: seal each under the master key,
+/// then shred the plain file.
+fn seal_legacy_device_keys(sd: &StateDir, keys: &Keys) -> Result<(), AgentError> {
+    for (legacy, sealed) in [
+        (sd.legacy_device_key(), sd.device_key()),
+        (
+            sd.keys_dir().join("device.key.next.pem"),
+            sd.next_device_key(),
+        ),
+    ] {
+        let pem = match std::fs::read_to_string(&legacy) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&legacy)(e)),
+        };
+        write_sealed_key(keys, &sealed, &pem)?;
+        shred_file(&legacy).map_err(io_err(&legacy))?;
+    }
+    Ok(())
 }
 
 /// Finishes or abandons a certificate renewal interrupted by a crash: with the commit

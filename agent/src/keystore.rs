@@ -1,6 +1,7 @@
-//! Keys: the device master key behind a small [`Keystore`] interface (a key file by
-//! default, so a platform keystore can replace it), and the per-purpose subkeys derived from
-//! it with HKDF-SHA256.
+//! Keys: the device master key behind a small [`Keystore`] interface — sealed by the
+//! tablet's TPM 2.0 ([`crate::tpm2`], feature `tpm2`) or, where there is none, in a 0600 file
+//! ([`FileKeystore`]) — and the per-purpose subkeys derived from it with HKDF-SHA256. Keys
+//! live in memory only while the agent runs and are zeroized when dropped.
 //!
 //! Sealing is XChaCha20-Poly1305 with a random 24-byte nonce: a sealed blob is
 //! `nonce || ciphertext || tag`, and every caller binds what the blob is (its row key and
@@ -17,7 +18,8 @@ use hmac::{Hmac, Mac};
 use rand::RngCore as _;
 use sha2::Sha256;
 
-use cpis_protocol::NhsNumber;
+use cpis_protocol::{KeyProtection, NhsNumber};
+use zeroize::{Zeroize as _, ZeroizeOnDrop};
 
 /// Length of the master key and of every subkey.
 pub const KEY_LEN: usize = 32;
@@ -40,20 +42,100 @@ pub enum KeyError {
     Unseal,
     #[error("sealing failed")]
     Seal,
+    /// The TPM could not be reached or failed a command (the key itself may be fine).
+    #[error("TPM 2.0 ({tcti}): {message}")]
+    Tpm { tcti: String, message: String },
+    /// The TPM answered but cannot unseal this key: the state directory was copied from
+    /// another machine, the TPM was cleared, or the tablet was wiped.
+    #[error(
+        "the device key does not unseal with this machine's TPM 2.0 ({tcti}): {message}. \
+         This state directory was copied from another tablet, its TPM was cleared, or the \
+         tablet was wiped; nothing in it can be opened here. Enrol afresh"
+    )]
+    NotThisTpm { tcti: String, message: String },
+    /// The state directory's key is sealed by a TPM, and this build has no TPM support.
+    #[error(
+        "the device key is sealed by a TPM 2.0 and this cpis-agent was built without TPM \
+         support (cargo feature `tpm2`)"
+    )]
+    NoTpmSupport,
 }
 
-/// Holds the device master key. Implementations: [`FileKeystore`]; a platform keystore
-/// (Android Keystore, TPM) can implement the same trait.
+/// Holds the device master key: [`FileKeystore`], or the TPM 2.0 keystore
+/// (`crate::tpm2::Tpm2Keystore`, feature `tpm2`).
 pub trait Keystore: Send + Sync + std::fmt::Debug {
     /// Makes and stores a new random master key; fails if one exists.
     fn create(&self) -> Result<MasterKey, KeyError>;
     /// Loads the master key.
     fn load(&self) -> Result<MasterKey, KeyError>;
-    /// Destroys the master key so that nothing sealed with it can be opened again.
+    /// Destroys the master key so that nothing sealed with it can be opened again, not
+    /// even from a copy of the disk taken before.
     fn destroy(&self) -> Result<(), KeyError>;
+    /// How this keystore protects the key.
+    fn protection(&self) -> KeyProtection;
 }
 
-/// The device master key. Never leaves the process except through its keystore.
+/// The keystore holding a state directory's master key: the TPM's when the directory
+/// holds a TPM-sealed key, else the key file.
+pub fn existing(state_dir: &Path) -> Result<Box<dyn Keystore>, KeyError> {
+    if state_dir.join("keys").join(TPM2_KEY_FILE).exists() {
+        return new(state_dir, KeyProtection::Tpm2);
+    }
+    Ok(Box::new(FileKeystore::in_state_dir(state_dir)))
+}
+
+/// A keystore of the given kind for a state directory.
+pub fn new(state_dir: &Path, kind: KeyProtection) -> Result<Box<dyn Keystore>, KeyError> {
+    match kind {
+        KeyProtection::File => Ok(Box::new(FileKeystore::in_state_dir(state_dir))),
+        #[cfg(feature = "tpm2")]
+        KeyProtection::Tpm2 => Ok(Box::new(crate::tpm2::Tpm2Keystore::in_state_dir(state_dir))),
+        #[cfg(not(feature = "tpm2"))]
+        KeyProtection::Tpm2 => Err(KeyError::NoTpmSupport),
+    }
+}
+
+/// The keystore an enrolment uses: `requested`, or `tpm2` when a TPM answers and `file`
+/// otherwise. Returns the kind and, for `file`, the warning to show (why there is no TPM,
+/// and what a key file does not protect against). A requested `tpm2` without a TPM fails.
+pub fn choose(
+    requested: Option<KeyProtection>,
+) -> Result<(KeyProtection, Option<String>), KeyError> {
+    const FILE_WARNING: &str = "the device master key will be kept in a file (keys/master.key). \
+        Without full-disk encryption a copy of this disk opens every flag; enrol tablets with \
+        --keystore tpm2 (see PROVISIONING.md)";
+    match requested {
+        Some(KeyProtection::File) => Ok((KeyProtection::File, Some(FILE_WARNING.to_owned()))),
+        Some(KeyProtection::Tpm2) => {
+            probe_tpm()?;
+            Ok((KeyProtection::Tpm2, None))
+        }
+        None => match probe_tpm() {
+            Ok(()) => Ok((KeyProtection::Tpm2, None)),
+            Err(why) => Ok((
+                KeyProtection::File,
+                Some(format!("no TPM 2.0 could be used ({why}); {FILE_WARNING}")),
+            )),
+        },
+    }
+}
+
+fn probe_tpm() -> Result<(), KeyError> {
+    #[cfg(feature = "tpm2")]
+    return crate::tpm2::probe(&crate::tpm2::tcti());
+    #[cfg(not(feature = "tpm2"))]
+    Err(KeyError::Tpm {
+        tcti: "none".into(),
+        message: "this cpis-agent was built without TPM support (cargo feature `tpm2`)".into(),
+    })
+}
+
+/// Name of the TPM-sealed key record under `STATE_DIR/keys/`.
+pub(crate) const TPM2_KEY_FILE: &str = "master.tpm2";
+
+/// The device master key. Never leaves the process except through its keystore; zeroized
+/// when dropped.
+#[derive(ZeroizeOnDrop)]
 pub struct MasterKey([u8; KEY_LEN]);
 
 impl std::fmt::Debug for MasterKey {
@@ -70,6 +152,17 @@ impl MasterKey {
         Self(k)
     }
 
+    /// The key made of two secrets that must both be present to rebuild it (HKDF-SHA256,
+    /// `salt` as salt); `label` names the construction.
+    #[cfg_attr(not(feature = "tpm2"), allow(dead_code))]
+    pub(crate) fn combine(secret: &[u8], salt: &[u8], label: &[u8]) -> Self {
+        let hk = Hkdf::<Sha256>::new(Some(salt), secret);
+        let mut k = [0u8; KEY_LEN];
+        // A 32-byte output is always within HKDF-SHA256's limit.
+        let _ = hk.expand(label, &mut k);
+        Self(k)
+    }
+
     /// Derives the per-purpose subkeys.
     pub fn derive(&self) -> Keys {
         let hk = Hkdf::<Sha256>::new(Some(b"cpis-edge-agent/v1"), &self.0);
@@ -79,13 +172,19 @@ impl MasterKey {
             let _ = hk.expand(info, &mut out);
             out
         };
+        let sealer = |info: &[u8]| {
+            let mut k = sub(info);
+            let s = Sealer::new(&k);
+            k.zeroize();
+            s
+        };
         Keys {
             lookup: sub(b"lookup-hash"),
             integrity: sub(b"row-integrity"),
-            snapshot: Sealer::new(&sub(b"snapshot-seal")),
-            outbox: Sealer::new(&sub(b"outbox-seal")),
-            meta: Sealer::new(&sub(b"meta-seal")),
-            download: Sealer::new(&sub(b"download-seal")),
+            snapshot: sealer(b"snapshot-seal"),
+            outbox: sealer(b"outbox-seal"),
+            meta: sealer(b"meta-seal"),
+            download: sealer(b"download-seal"),
         }
     }
 }
@@ -170,6 +269,10 @@ pub(crate) fn shred_file(path: &Path) -> std::io::Result<()> {
 }
 
 impl Keystore for FileKeystore {
+    fn protection(&self) -> KeyProtection {
+        KeyProtection::File
+    }
+
     fn create(&self) -> Result<MasterKey, KeyError> {
         if self.path.exists() {
             return Err(KeyError::Damaged(format!(
@@ -191,10 +294,11 @@ impl Keystore for FileKeystore {
         let arr: [u8; KEY_LEN] = bytes.try_into().map_err(|b: Vec<u8>| {
             KeyError::Damaged(format!("expected {KEY_LEN} bytes, found {}", b.len()))
         })?;
-        if arr == [0u8; KEY_LEN] {
+        let key = MasterKey(arr);
+        if key.0 == [0u8; KEY_LEN] {
             return Err(KeyError::Missing);
         }
-        Ok(MasterKey(arr))
+        Ok(key)
     }
 
     fn destroy(&self) -> Result<(), KeyError> {
@@ -249,19 +353,24 @@ impl Sealer {
     }
 }
 
-/// The subkeys, one per purpose.
-#[derive(Clone)]
+/// The subkeys, one per purpose. The raw ones are zeroized when dropped (the sealers'
+/// ciphers zeroize their own keys).
+#[derive(Clone, ZeroizeOnDrop)]
 pub struct Keys {
     lookup: [u8; KEY_LEN],
     /// Per-row MACs of the store's integrity record ([`crate::store::RowsDigest`]).
     integrity: [u8; KEY_LEN],
     /// Flag rows.
+    #[zeroize(skip)]
     pub snapshot: Sealer,
     /// Outbox events.
+    #[zeroize(skip)]
     pub outbox: Sealer,
-    /// Metadata: position, policy, council directory, enrolment.
+    /// Metadata: position, policy, council directory, enrolment, the TLS private key.
+    #[zeroize(skip)]
     pub meta: Sealer,
     /// Partial snapshot downloads ([`crate::download`]).
+    #[zeroize(skip)]
     pub download: Sealer,
 }
 

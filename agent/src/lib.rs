@@ -30,6 +30,8 @@ pub mod schedule;
 pub mod service;
 pub mod store;
 pub mod sync;
+#[cfg(feature = "tpm2")]
+pub mod tpm2;
 
 pub use agent::{Agent, AgentError, Enrolment, StateDir, TlsMaterial, VerifiedCheckpoint};
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -144,6 +144,7 @@ pub async fn report(agent: &Agent, client: &DeviceClient) -> Result<(), AgentErr
         outbox_set_aside: aside,
         client_cert_expires_at: Some(agent.enrolment().client_cert_expires_at),
         reported_at: agent.clock().now(),
+        key_protection: Some(agent.key_protection()),
     };
     client.report(&r).await?;
     Ok(())

@@ -374,6 +374,7 @@ impl Agent {
             consecutive_failures: st.consecutive_failures,
             next_sync_at: st.next_sync_at,
             client_cert_expires_at: enrolment.client_cert_expires_at,
+            key_protection: self.key_protection(),
             warnings,
         })
     }

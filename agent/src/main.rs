@@ -57,6 +57,13 @@ enum Command {
         /// A name for this device, shown to trust IT.
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// Where the device master key is kept: `tpm2` seals it with the tablet's TPM 2.0
+        /// (a copy of the disk opens nothing, and a wipe cannot be undone from one); `file`
+        /// keeps it in a 0600 file, which protects nothing without full-disk encryption.
+        /// Default: tpm2 when a TPM answers, else file with a warning. The TPM is reached
+        /// through the TCTI in CPIS_TPM2_TCTI (default device:/dev/tpmrm0).
+        #[arg(long, value_name = "tpm2|file")]
+        keystore: Option<cpis_protocol::KeyProtection>,
     },
     /// Run the agent: the local API on loopback (POST /v1/lookups, GET /v1/status,
     /// POST /v1/sync), the paramedic page (open http://127.0.0.1:7411/ in the tablet's
@@ -206,7 +213,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CPIS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // The TPM library's own error records repeat what our errors say.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tss_esapi=off")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -240,6 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             token,
             token_file,
             name,
+            keystore,
         } => {
             let env = std::env::var(local_token::ENROLMENT_TOKEN_ENV).ok();
             let token = match local_token::enrolment_token(token, env, token_file.as_deref()) {
@@ -264,24 +273,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let ca_pem = std::fs::read_to_string(&ca)
                 .with_context(|| format!("reading the CA file {}", ca.display()))?;
-            let agent = runtime()?.block_on(cpis_agent::sync::enrol(
+            // Before the token is spent: a requested TPM that does not answer fails here.
+            let (keystore, warning) = cpis_agent::keystore::choose(keystore)
+                .context("--keystore tpm2: no usable TPM 2.0; nothing was enrolled")?;
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            let agent = runtime()?.block_on(cpis_agent::sync::enrol_with_keystore(
                 &state_dir,
                 &server,
                 &ca_pem,
                 &token,
                 name,
+                keystore,
                 clock(),
             ))?;
             LocalToken::load_or_create(&state_dir)?;
             let e = agent.enrolment();
             println!(
                 "Enrolled device {} for trust {} in region {}.\nServer signing key pinned: {}\n\
+                 Device master key: {}.\n\
                  Client certificate valid until {}.\nLocal API token (for the ePR app): {}\n\
                  Next: cpis-agent sync --state-dir {}",
                 e.device_id,
                 e.trust,
                 e.region,
                 e.signing_key,
+                format_args!("{} ({keystore})", keystore.describe()),
                 e.client_cert_expires_at.format("%Y-%m-%d %H:%M UTC"),
                 local_token::path(&state_dir).display(),
                 state_dir.display()
@@ -471,6 +489,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "Certificate:   valid until {}",
                     when(Some(s.client_cert_expires_at))
+                );
+                println!(
+                    "Master key:    {} ({})",
+                    s.key_protection.describe(),
+                    s.key_protection
                 );
                 for w in &s.warnings {
                     println!("WARNING: {}", w.message);

@@ -15,14 +15,30 @@ use crate::clock::Clock;
 use crate::net::{self, DeltaFetch, DeviceClient, NetError};
 use crate::plan::{Action, Event, SyncPlan};
 
-/// Enrols with the server (trusting only `ca_pem`) and writes a new state directory.
-/// Nothing is written unless the server accepts the token.
+/// [`enrol_with_keystore`] with the master key in a file: for development and tests (the
+/// command line chooses the TPM 2.0 where there is one).
 pub async fn enrol(
     dir: &Path,
     server: &str,
     ca_pem: &str,
     token: &str,
     name: Option<String>,
+    clock: Arc<dyn Clock>,
+) -> Result<Agent, AgentError> {
+    let file = cpis_protocol::KeyProtection::File;
+    enrol_with_keystore(dir, server, ca_pem, token, name, file, clock).await
+}
+
+/// Enrols with the server (trusting only `ca_pem`) and writes a new state directory whose
+/// master key `keystore` protects ([`crate::keystore::choose`] picks one). Nothing is
+/// written unless the server accepts the token.
+pub async fn enrol_with_keystore(
+    dir: &Path,
+    server: &str,
+    ca_pem: &str,
+    token: &str,
+    name: Option<String>,
+    keystore: cpis_protocol::KeyProtection,
     clock: Arc<dyn Clock>,
 ) -> Result<Agent, AgentError> {
     let sd = crate::agent::StateDir::new(dir);
@@ -52,7 +68,7 @@ pub async fn enrol(
         cert_pem: r.client_cert_pem,
         key_pem: enrolled.key_pem,
     };
-    Agent::create(dir, &enrolment, &tls, clock)
+    Agent::create(dir, &enrolment, &tls, keystore, clock)
 }
 
 /// The device's mTLS client, from the state directory.
@@ -66,7 +82,7 @@ pub fn device_client(agent: &Agent) -> Result<DeviceClient, AgentError> {
         &agent.enrolment().server,
         &read(sd.ca())?,
         &read(sd.device_cert())?,
-        &read(sd.device_key())?,
+        &agent.device_key_pem()?,
     )?)
 }
 

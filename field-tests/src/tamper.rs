@@ -201,13 +201,12 @@ impl TamperProxy {
         Ok(())
     }
 
-    /// Relays as the tablet whose state directory is `state_dir` (its `keys/` files).
+    /// Relays as the tablet whose state directory is `state_dir` (its certificate, and its
+    /// private key opened with its master key).
     pub fn set_identity_from(&self, state_dir: &std::path::Path) -> anyhow::Result<()> {
-        let read = |name: &str| {
-            let p = state_dir.join("keys").join(name);
-            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
-        };
-        self.set_identity(&read("device.cert.pem")?, &read("device.key.pem")?)
+        let (cert, key) = cpis_agent::agent::device_identity(state_dir)
+            .with_context(|| format!("reading the identity in {}", state_dir.display()))?;
+        self.set_identity(&cert, &key)
     }
 
     /// Replaces the rules (none: relay faithfully).

@@ -30,7 +30,9 @@ pub use feed::{
 };
 pub use flag::{CouncilInfo, FlagKey, FlagRecord, retained_until};
 pub use ids::{CouncilCode, DeviceId, EventId, IdError, PlanType, RegionId, TrustCode};
-pub use lifecycle::{DeviceReport, KeyChain, KeyRollover, RenewRequest, RenewResponse};
+pub use lifecycle::{
+    DeviceReport, KeyChain, KeyProtection, KeyRollover, RenewRequest, RenewResponse,
+};
 pub use nhs::{NhsNumber, NhsNumberError};
 pub use policy::{Freshness, Policy};
 pub use signing::{MessageKind, PublicKey, Signable, SignedMessage};

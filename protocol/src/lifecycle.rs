@@ -41,6 +41,60 @@ pub struct DeviceReport {
     pub client_cert_expires_at: Option<DateTime<Utc>>,
     /// The tablet's clock when it made the report (the server records its own receipt time).
     pub reported_at: DateTime<Utc>,
+    /// How the tablet's device master key is protected; absent from older agents.
+    #[serde(default)]
+    pub key_protection: Option<KeyProtection>,
+}
+
+/// How a tablet's device master key is protected at rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyProtection {
+    /// Sealed by the tablet's TPM 2.0, with part of it in a TPM NV index the wipe removes:
+    /// a copy of the disk opens nothing, on another machine or after a wipe.
+    Tpm2,
+    /// A 0600 file beside the data: protects nothing against a copy of the disk unless the
+    /// tablet also has full-disk encryption.
+    File,
+}
+
+impl KeyProtection {
+    /// The word used on the command line, in JSON and on the pages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyProtection::Tpm2 => "tpm2",
+            KeyProtection::File => "file",
+        }
+    }
+
+    /// A phrase for people: what protects the key.
+    pub fn describe(self) -> &'static str {
+        match self {
+            KeyProtection::Tpm2 => "sealed by the tablet's TPM 2.0",
+            KeyProtection::File => {
+                "in a file on the tablet's disk, not sealed by a TPM (safe only with full-disk \
+                 encryption)"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for KeyProtection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KeyProtection {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tpm2" => Ok(KeyProtection::Tpm2),
+            "file" => Ok(KeyProtection::File),
+            other => Err(format!("unknown keystore {other:?}: expected tpm2 or file")),
+        }
+    }
 }
 
 /// A CSR for a new key pair made on the tablet; the private key never leaves it.

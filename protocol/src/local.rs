@@ -131,6 +131,8 @@ pub struct StatusResponse {
     #[serde(default)]
     pub next_sync_at: Option<DateTime<Utc>>,
     pub client_cert_expires_at: DateTime<Utc>,
+    /// How the device master key is protected (`tpm2` or `file`).
+    pub key_protection: crate::KeyProtection,
     pub warnings: Vec<Warning>,
 }
 

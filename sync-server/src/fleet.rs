@@ -174,6 +174,7 @@ mod tests {
                     outbox_set_aside: 0,
                     client_cert_expires_at: None,
                     reported_at: now(),
+                    key_protection: None,
                 },
                 received_at: now() - Duration::minutes(1),
             }),

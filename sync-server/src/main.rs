@@ -907,6 +907,7 @@ async fn print_fleet(
                     "enrolled_at": d.enrolled_at,
                     "last_seen": r.last_seen,
                     "agent_version": d.agent_version,
+                    "key_protection": rep.and_then(|p| p.key_protection),
                     "data_epoch": rep.and_then(|p| p.data_epoch),
                     "data_version": rep.and_then(|p| p.data_version),
                     "data_as_of": rep.and_then(|p| p.data_as_of),
@@ -929,7 +930,7 @@ async fn print_fleet(
         return Ok(());
     }
     println!(
-        "DEVICE\tNAME\tTRUST\tREGION\tSTATUS\tDATA AGE\tDATA VERSION\tOUTBOX (PENDING/SET ASIDE)\tAGENT\tLAST SEEN\tENROLLED\tCERT EXPIRES\tREVOKED"
+        "DEVICE\tNAME\tTRUST\tREGION\tSTATUS\tDATA AGE\tDATA VERSION\tOUTBOX (PENDING/SET ASIDE)\tAGENT\tKEYS\tLAST SEEN\tENROLLED\tCERT EXPIRES\tREVOKED"
     );
     let expired = rows
         .iter()
@@ -944,7 +945,7 @@ async fn print_fleet(
         let d = &r.entry.device;
         let rep = r.entry.report.as_ref().map(|s| &s.report);
         println!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             d.id,
             printable(d.name.as_deref().unwrap_or("-")),
             d.trust,
@@ -958,6 +959,8 @@ async fn print_fleet(
                 |p| format!("{}/{}", p.outbox_pending, p.outbox_set_aside)
             ),
             printable(&d.agent_version),
+            rep.and_then(|p| p.key_protection)
+                .map_or("-", cpis_protocol::KeyProtection::as_str),
             r.last_seen.map_or_else(
                 || "never".to_owned(),
                 |t| t.format("%Y-%m-%d %H:%M").to_string()
@@ -973,6 +976,23 @@ async fn print_fleet(
             format_age(chrono::Duration::seconds(
                 i64::try_from(policy.expiry_secs).unwrap_or(i64::MAX / 1000)
             ))
+        );
+    }
+    let key_files = rows
+        .iter()
+        .filter(|r| r.entry.device.revoked_at.is_none())
+        .filter(|r| {
+            r.entry
+                .report
+                .as_ref()
+                .and_then(|s| s.report.key_protection)
+                == Some(cpis_protocol::KeyProtection::File)
+        })
+        .count();
+    if key_files > 0 {
+        eprintln!(
+            "warning: {key_files} active tablet(s) keep their keys in a file (KEYS file), not \
+             sealed by a TPM: safe only with full-disk encryption; re-enrol with --keystore tpm2"
         );
     }
     Ok(())

@@ -623,6 +623,10 @@ fn footer(h: &mut Html, v: &View) {
             .text(&plural(s.councils.len() as u64, "council", "councils"))
             .raw(" covered · device ")
             .text(&s.device.to_string())
+            .raw("</p><p id=\"key-protection\" data-key-protection=\"")
+            .text(s.key_protection.as_str())
+            .raw("\">Keys: ")
+            .text(s.key_protection.describe())
             .raw("</p>");
     }
     h.raw("<p>Every check is recorded and the council is told. This page works without a network.</p></footer>\n");

@@ -381,12 +381,20 @@ async fn cli_enrol_takes_the_token_from_one_source_and_run_requires_the_local_to
     std::fs::write(&empty, "\n").unwrap();
     let enrol = |extra: Vec<String>, env_token: Option<&str>| {
         let mut cmd = std::process::Command::new(bin);
-        cmd.args(["enrol", "--server", &env.base, "--state-dir"])
-            .arg(&state)
-            .arg("--ca")
-            .arg(&ca)
-            .args(extra)
-            .env_remove("CPIS_ENROLMENT_TOKEN");
+        // A key file: these tests must not touch a real TPM of the machine running them.
+        cmd.args([
+            "enrol",
+            "--keystore",
+            "file",
+            "--server",
+            &env.base,
+            "--state-dir",
+        ])
+        .arg(&state)
+        .arg("--ca")
+        .arg(&ca)
+        .args(extra)
+        .env_remove("CPIS_ENROLMENT_TOKEN");
         if let Some(t) = env_token {
             cmd.env("CPIS_ENROLMENT_TOKEN", t);
         }

@@ -170,7 +170,14 @@ pub(crate) fn new_agent(dir: &Path, feed: &Feed) -> (Agent, Arc<ManualClock>) {
         key_pem: String::new(),
     };
     let dyn_clock: Arc<dyn Clock> = clock.clone();
-    let agent = Agent::create(dir, &enrolment(feed), &tls, dyn_clock).unwrap();
+    let agent = Agent::create(
+        dir,
+        &enrolment(feed),
+        &tls,
+        cpis_protocol::KeyProtection::File,
+        dyn_clock,
+    )
+    .unwrap();
     (agent, clock)
 }
 

@@ -89,7 +89,11 @@ async fn a_certificate_near_expiry_is_renewed_with_a_new_key_and_replaced_atomic
         cpis_agent::sync::enrol(dir.path(), &env.base, &env.ca, &token, None, clock.clone())
             .await
             .unwrap();
-    let old_key = std::fs::read(dir.path().join("keys/device.key.pem")).unwrap();
+    let old_key = agent.device_key_pem().unwrap();
+    assert!(
+        !dir.path().join("keys/device.key.pem").exists(),
+        "never a plain key file"
+    );
     let old_expiry = agent.enrolment().client_cert_expires_at;
     let client = cpis_agent::sync::device_client(&agent).unwrap();
     // Not due yet: nothing happens.
@@ -105,10 +109,11 @@ async fn a_certificate_near_expiry_is_renewed_with_a_new_key_and_replaced_atomic
             .await
             .unwrap()
     );
-    let new_key = std::fs::read(dir.path().join("keys/device.key.pem")).unwrap();
+    let new_key = agent.device_key_pem().unwrap();
     assert_ne!(old_key, new_key, "a new key pair");
     for leftover in [
-        "device.key.next.pem",
+        "device.key.pem",
+        "device.key.next.sealed",
         "device.cert.next.pem",
         "renew.commit",
     ] {
@@ -134,26 +139,34 @@ fn an_interrupted_renewal_keeps_the_old_identity_or_completes_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let (agent, _clock) = new_agent(dir.path(), &feed);
     drop(agent);
+    // Written as agents before sealed TLS keys left them: plain PEM files, which the open
+    // seals under the master key and shreds.
     let keys = dir.path().join("keys");
     std::fs::write(keys.join("device.key.pem"), "old key").unwrap();
     std::fs::write(keys.join("device.cert.pem"), "old cert").unwrap();
     // Crash before the commit marker: the new files are dropped.
     std::fs::write(keys.join("device.key.next.pem"), "new key").unwrap();
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(t0()));
-    drop(Agent::open(dir.path(), clock.clone()).unwrap());
-    assert_eq!(
-        std::fs::read_to_string(keys.join("device.key.pem")).unwrap(),
-        "old key"
-    );
-    assert!(!keys.join("device.key.next.pem").exists());
+    let agent = Agent::open(dir.path(), clock.clone()).unwrap();
+    assert_eq!(agent.device_key_pem().unwrap(), "old key");
+    drop(agent);
+    for plain_or_dropped in [
+        "device.key.pem",
+        "device.key.next.pem",
+        "device.key.next.sealed",
+    ] {
+        assert!(!keys.join(plain_or_dropped).exists(), "{plain_or_dropped}");
+    }
     // Crash after the marker, with the key already moved: the certificate follows on open.
     std::fs::write(keys.join("device.key.pem"), "new key").unwrap();
     std::fs::write(keys.join("device.cert.next.pem"), "new cert").unwrap();
     std::fs::write(keys.join("renew.commit"), "commit\n").unwrap();
-    drop(Agent::open(dir.path(), clock).unwrap());
+    let agent = Agent::open(dir.path(), clock).unwrap();
+    assert_eq!(agent.device_key_pem().unwrap(), "new key");
     assert_eq!(
         std::fs::read_to_string(keys.join("device.cert.pem")).unwrap(),
         "new cert"
     );
     assert!(!keys.join("renew.commit").exists());
+    assert!(!keys.join("device.key.pem").exists());
 }

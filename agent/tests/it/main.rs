@@ -22,3 +22,7 @@ mod resume;
 mod revoke;
 mod rollover;
 mod server;
+#[cfg(feature = "tpm2")]
+mod swtpm;
+#[cfg(feature = "tpm2")]
+mod tpm;

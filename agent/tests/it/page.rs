@@ -331,6 +331,15 @@ async fn staff_id_once_per_shift_then_a_flagged_child_with_plans_council_phone_a
         a.banner()
     );
     assert_eq!(a.outbox(), "0 notices waiting to be sent");
+    // The footer says how the keys are protected (this tablet's are in a file).
+    assert!(
+        a.body.contains(
+            "<p id=\"key-protection\" data-key-protection=\"file\">Keys: in a file on the \
+             tablet&#39;s disk, not sealed by a TPM"
+        ),
+        "{}",
+        a.body
+    );
     assert!(
         a.body
             .contains("<form id=\"staff\" class=\"ask\" method=\"post\" action=\"/shift\">")

@@ -265,7 +265,8 @@ pub(crate) async fn current_snapshot(
     let scratch = tempfile::tempdir().unwrap();
     let sealer = cpis_agent::keystore::MasterKey::generate()
         .derive()
-        .download;
+        .download
+        .clone();
     let body = client
         .snapshot_body(
             &signed,

@@ -71,6 +71,9 @@ impl Tablet {
             .arg("--ca")
             .arg(ca)
             .args(["--token", token, "--name", "field test tablet"])
+            // A key file: the field tests must not leave NV indices in a real TPM of the
+            // machine running them (the TPM keystore has its own tests, on swtpm).
+            .args(["--keystore", "file"])
             .run(timeout)
             .await?;
         tablet.signing_key = out
@@ -190,16 +193,12 @@ impl Tablet {
     /// A mutual-TLS client authenticating as this tablet (its key and certificate from the
     /// state directory), for reading what the server serves it.
     pub fn device_http(&self) -> anyhow::Result<reqwest::Client> {
-        let keys = self.state_dir.join("keys");
-        let read = |name: &str| {
-            let p = keys.join(name);
-            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
-        };
-        http::client(
-            &read("ca.pem")?,
-            Some((&read("device.cert.pem")?, &read("device.key.pem")?)),
-            COMMAND_TIMEOUT,
-        )
+        let ca = self.state_dir.join("keys").join("ca.pem");
+        let ca =
+            std::fs::read_to_string(&ca).with_context(|| format!("reading {}", ca.display()))?;
+        let (cert, key) = cpis_agent::agent::device_identity(&self.state_dir)
+            .with_context(|| format!("reading the identity in {}", self.state_dir.display()))?;
+        http::client(&ca, Some((&cert, &key)), COMMAND_TIMEOUT)
     }
 
     /// The server's current snapshot metadata for this tablet's region, fetched from

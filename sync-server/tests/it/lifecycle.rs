@@ -18,6 +18,7 @@ fn report(outbox: u64) -> DeviceReport {
         outbox_set_aside: 1,
         client_cert_expires_at: None,
         reported_at: t0() - chrono::Duration::days(400),
+        key_protection: Some(cpis_protocol::KeyProtection::Tpm2),
     }
 }
 
@@ -66,6 +67,22 @@ async fn a_report_is_kept_with_the_servers_receipt_time() {
         "the server's clock, not the tablet's"
     );
     assert_eq!(fleet[0].device.agent_version, "0.9.1");
+    // An agent from before key protection was reported: accepted, shown as not reported.
+    let mut old = serde_json::to_value(report(3)).unwrap();
+    old.as_object_mut().unwrap().remove("key_protection");
+    let r = device
+        .client
+        .post(env.url(paths::REPORT))
+        .json(&old)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let fleet = env.store().fleet().await.unwrap();
+    assert_eq!(
+        fleet[0].report.as_ref().unwrap().report.key_protection,
+        None
+    );
 
     // Without a certificate: 401; garbage: 400.
     let r = env

@@ -1101,6 +1101,7 @@ async fn a_trust_admin_sees_only_its_own_devices_and_revokes_after_confirming() 
         outbox_set_aside: 0,
         client_cert_expires_at: None,
         reported_at: env.clock_now(),
+        key_protection: Some(cpis_protocol::KeyProtection::File),
     };
     env.store()
         .record_device_report(ours.enrolment.device_id, report, env.clock_now())
@@ -1158,7 +1159,14 @@ async fn a_trust_admin_sees_only_its_own_devices_and_revokes_after_confirming() 
     assert!(row.contains("1d 06h"), "data age: {row}");
     assert!(row.contains("7 waiting"), "outbox: {row}");
     assert!(row.contains("1.2.4"), "app version: {row}");
+    assert!(row.contains("data-keys=\"file\">Key file"), "keys: {row}");
     assert!(row.contains("Stale data"));
+    // Trust IT is told how many tablets keep their keys in a file.
+    let alert = page.element("div", "key-files").unwrap();
+    assert!(
+        alert.contains("1 active tablet(s) keep their keys in a file"),
+        "{alert}"
+    );
     assert!(row.contains(&format!(
         "<a class=\"revoke\" href=\"/fleet/devices/{id}/revoke\">"
     )));
@@ -1166,6 +1174,10 @@ async fn a_trust_admin_sees_only_its_own_devices_and_revokes_after_confirming() 
         .row("data-device-id", &spare.enrolment.device_id.to_string())
         .unwrap();
     assert!(spare_row.contains("No report yet"));
+    assert!(
+        spare_row.contains("data-keys=\"unknown\">Not reported"),
+        "{spare_row}"
+    );
     assert!(page.body.contains("id=\"no-revoked\">No revoked devices."));
     assert!(page.element("table", "revoked").is_some());
 

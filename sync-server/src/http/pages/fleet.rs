@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
-use cpis_protocol::DeviceId;
+use cpis_protocol::{DeviceId, KeyProtection};
 
 use super::html::{ICON_WARN, Nav, Notice, esc, layout, time};
 use super::session::Session;
@@ -180,7 +180,7 @@ fn active_row(r: &FleetRow) -> String {
     format!(
         "<tr data-device-id=\"{id}\"><td>{label}<br><span class=\"muted\">{id}</span></td>\
          <td>{region}</td><td>{seen}</td><td>{age}</td><td>{outbox}</td><td>{version}</td>\
-         <td>{status}</td><td><a class=\"revoke\" href=\"/fleet/devices/{id}/revoke\">Revoke\
+         <td>{keys}</td><td>{status}</td><td><a class=\"revoke\" href=\"/fleet/devices/{id}/revoke\">Revoke\
          <span class=\"visually-hidden\"> {label}</span></a></td></tr>\n",
         region = esc(d.region.as_str()),
         seen = r.last_seen.map_or_else(|| "Never".to_owned(), time),
@@ -200,8 +200,22 @@ fn active_row(r: &FleetRow) -> String {
             )
         ),
         version = esc(&d.agent_version),
+        keys = keys_html(rep.and_then(|p| p.key_protection)),
         status = status_html(r.status),
     )
+}
+
+/// How a tablet's keys are protected; a key file is flagged so trust IT can find those
+/// tablets (safe only with full-disk encryption).
+fn keys_html(protection: Option<KeyProtection>) -> &'static str {
+    match protection {
+        Some(KeyProtection::Tpm2) => "<span class=\"tag ok\" data-keys=\"tpm2\">TPM 2.0</span>",
+        Some(KeyProtection::File) => {
+            "<span class=\"tag warn\" data-keys=\"file\">Key file</span><br>\
+             <span class=\"muted\">not sealed by a TPM</span>"
+        }
+        None => "<span class=\"muted\" data-keys=\"unknown\">Not reported</span>",
+    }
 }
 
 /// `GET /fleet/devices`: the trust's active and revoked tablets.
@@ -233,16 +247,36 @@ pub(crate) async fn devices<S: Store>(
         esc(&session.who.name),
         active.len()
     );
+    let key_files = active
+        .iter()
+        .filter(|r| {
+            r.entry
+                .report
+                .as_ref()
+                .and_then(|s| s.report.key_protection)
+                == Some(KeyProtection::File)
+        })
+        .count();
+    if key_files > 0 {
+        let _ = writeln!(
+            body,
+            "<div id=\"key-files\" class=\"alert\">{ICON_WARN}<p><strong>{key_files} active \
+             tablet(s) keep their keys in a file</strong>, not sealed by a TPM: a copy of such a \
+             tablet's disk opens its data unless the disk is encrypted. Re-enrol them with \
+             <code>--keystore tpm2</code> (see PROVISIONING.md).</p></div>"
+        );
+    }
     // The tables are always there (empty: one row saying so), so the lists are easy to find.
     body.push_str(
         "<div class=\"table-wrap\"><table id=\"devices\" aria-labelledby=\"active-heading\">\n\
          <thead><tr><th scope=\"col\">Device</th><th scope=\"col\">Region</th>\
          <th scope=\"col\">Last seen</th><th scope=\"col\">Data age</th>\
          <th scope=\"col\">Outbox</th><th scope=\"col\">App version</th>\
-         <th scope=\"col\">Status</th><th scope=\"col\">Action</th></tr></thead>\n<tbody>\n",
+         <th scope=\"col\">Keys</th><th scope=\"col\">Status</th>\
+         <th scope=\"col\">Action</th></tr></thead>\n<tbody>\n",
     );
     if active.is_empty() {
-        body.push_str("<tr><td colspan=\"8\" id=\"no-devices\">No active devices.</td></tr>\n");
+        body.push_str("<tr><td colspan=\"9\" id=\"no-devices\">No active devices.</td></tr>\n");
     }
     for r in &active {
         body.push_str(&active_row(r));
