@@ -328,12 +328,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
     let after = proxy.stats();
     let status = tablet.status().await?;
     steps.step(format!(
-        "Tablet enrolled through the proxy in {}: device {}, {} down / {} up; state dir {}",
+        "Tablet enrolled through the proxy in {}: device {}, {} down / {} up; state dir {}; \
+         master key in a file ({}: a real tablet enrols with --keystore tpm2)",
         secs(t.elapsed()),
         status.device,
         bytes(after.bytes_down - before.bytes_down),
         bytes(after.bytes_up - before.bytes_up),
-        state_dir.display()
+        state_dir.display(),
+        status.key_protection
     ));
 
     // 10. Sync.

@@ -53,7 +53,7 @@ async fn demo_walks_through_every_step_and_stops_cleanly() {
     // Every step ran: the server served, uploads, enrolment, a snapshot, the cut and back.
     line("Server serving on https://127.0.0.1:");
     line("rows, ");
-    line("Tablet enrolled through the proxy");
+    assert!(line("Tablet enrolled through the proxy").contains("master key in a file (file:"));
     line("First sync (snapshot)");
     line("Network CUT");
     assert!(line("while cut: outbox").contains("outbox 2 events pending"));
