@@ -150,13 +150,26 @@ pub(crate) async fn recorded_lookup(
     s: &Shared,
     req: LookupRequest,
 ) -> Result<LookupResponse, HttpError> {
+    recorded_lookup_as(s, req, true).await
+}
+
+/// [`recorded_lookup`] for unscheduled care (a flagged answer notifies the councils) or
+/// scheduled care (recorded in the audit trail, no council notice).
+pub(crate) async fn recorded_lookup_as(
+    s: &Shared,
+    req: LookupRequest,
+    unscheduled: bool,
+) -> Result<LookupResponse, HttpError> {
     let agent = s.agent.clone();
     let (resp, event) = blocking(move || {
-        agent.lookup_recorded(LookupInput {
-            nhs_number: &req.nhs_number,
-            staff_id: req.staff_id,
-            incident_ref: req.incident_ref,
-        })
+        agent.lookup_recorded_as(
+            LookupInput {
+                nhs_number: &req.nhs_number,
+                staff_id: req.staff_id,
+                incident_ref: req.incident_ref,
+            },
+            unscheduled,
+        )
     })
     .await?;
     let resp = match s.opts.confirm_bound {
@@ -231,9 +244,19 @@ async fn sync(State(s): State<Arc<Shared>>) -> Result<Response, HttpError> {
 /// another site is refused (`403 cross_site_request`), then the local API token is checked
 /// (`401 local_token_required` / `local_token_invalid`, with `WWW-Authenticate: Bearer`).
 async fn v1_guard(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let fhir = req.uri().path().starts_with(crate::fhir::BASE);
+    // The FHIR interface answers its refusals as OperationOutcomes, like everything else it
+    // answers.
+    let shape = |resp: HttpError| -> Response {
+        if fhir {
+            crate::fhir::Outcome::from_http(&resp).into_response()
+        } else {
+            resp.into_response()
+        }
+    };
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
     if !read_only && crate::page::same_origin(req.headers()).is_err() {
-        return HttpError(
+        return shape(HttpError(
             StatusCode::FORBIDDEN,
             ErrorBody::new(
                 "cross_site_request",
@@ -241,19 +264,27 @@ async fn v1_guard(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Res
                  and was refused; nothing was looked up, recorded or synced. The local API \
                  accepts requests from programs on the tablet and from its own pages only",
             ),
-        )
-        .into_response();
+        ));
     }
-    let authorization = req
+    let mut authorization = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().ok());
+    // An ePR built for the national API sends its own access token there; unless this agent
+    // requires its local token, a bearer that is not one of ours is not ours to judge.
+    if fhir
+        && !s.opts.auth.is_required()
+        && authorization
+            .flatten()
+            .is_some_and(|h| !h.contains(crate::local_token::PREFIX))
+    {
+        authorization = None;
+    }
     if let Err(why) = s.opts.auth.check(authorization) {
-        let mut resp = HttpError(
+        let mut resp = shape(HttpError(
             StatusCode::UNAUTHORIZED,
             ErrorBody::new(why.code(), why.message()),
-        )
-        .into_response();
+        ));
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             axum::http::HeaderValue::from_static("Bearer realm=\"cpis-agent\""),
@@ -285,6 +316,7 @@ fn build(agent: Arc<Agent>, opts: ApiOptions, port: Option<u16>) -> Router {
         .route("/v1/lookups", post(lookups))
         .route("/v1/status", get(status))
         .route("/v1/sync", post(sync))
+        .merge(crate::fhir::routes())
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             v1_guard,

@@ -18,6 +18,7 @@ pub mod background;
 pub mod clock;
 pub mod confirm;
 pub mod download;
+pub mod fhir;
 pub mod freshness;
 pub mod keystore;
 pub mod lifecycle;

@@ -217,6 +217,11 @@ impl TokenRefusal {
 }
 
 impl LocalAuth {
+    /// Whether every request must carry the token (`run --require-token`).
+    pub fn is_required(&self) -> bool {
+        matches!(self, Self::Required(_))
+    }
+
     /// Checks the value of the request's `Authorization` header (`None`: no header; a
     /// header that is not valid text counts as a wrong token).
     pub fn check(&self, authorization: Option<Option<&str>>) -> Result<(), TokenRefusal> {

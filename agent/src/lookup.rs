@@ -193,6 +193,16 @@ impl Agent {
         &self,
         input: LookupInput<'_>,
     ) -> Result<(LookupResponse, AccessEvent), AgentError> {
+        self.lookup_recorded_as(input, true)
+    }
+
+    /// [`Agent::lookup_recorded`] for unscheduled care (`unscheduled`: a flagged answer
+    /// notifies the councils) or scheduled care (recorded, no council notice).
+    pub fn lookup_recorded_as(
+        &self,
+        input: LookupInput<'_>,
+        unscheduled: bool,
+    ) -> Result<(LookupResponse, AccessEvent), AgentError> {
         let nhs: NhsNumber = input.nhs_number.parse()?;
         self.check_live()?;
         self.shred_if_too_old()?;
@@ -298,6 +308,7 @@ impl Agent {
             freshness,
             setting: CareSetting::Ambulance,
             incident_ref: input.incident_ref,
+            unscheduled,
         };
         // The high-water mark records the best estimate of the true time, not a wall clock
         // that may have been moved within this boot.

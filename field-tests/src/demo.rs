@@ -448,6 +448,48 @@ pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
         }
     }
 
+    // The same child through the national CP-IS FHIR R4 interface, as an ePR asks it.
+    let t = Instant::now();
+    let (bundle, n) = local.fhir_care_team(&flagged_nhs.to_string()).await?;
+    let teams: Vec<String> = bundle["entry"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter(|e| e["resource"]["resourceType"] == "CareTeam")
+                .map(|e| {
+                    let r = &e["resource"];
+                    format!(
+                        "CareTeam {} ({}) from {}, {}",
+                        r["category"][0]["coding"][0]["code"]
+                            .as_str()
+                            .unwrap_or("?"),
+                        r["status"].as_str().unwrap_or("?"),
+                        r["period"]["start"].as_str().unwrap_or("?"),
+                        r["managingOrganization"][0]["display"]
+                            .as_str()
+                            .unwrap_or("?"),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.step(format!(
+        "FHIR: GET /cpis/FHIR/R4/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|{} \
+         (IsUnscheduledAccessEvent: false, so recorded without a council notice) in {}, {}: \
+         Bundle searchset, total {}",
+        flagged_nhs,
+        ms(t.elapsed()),
+        bytes(n),
+        bundle["total"]
+    ));
+    for team in &teams {
+        steps.detail(team.clone());
+    }
+    if teams.is_empty() {
+        bail!("the FHIR CareTeam search found no CareTeam for {flagged_nhs}");
+    }
+
     // 16. The outbox holds the events while the network is down.
     let failures_before = local.status().await?.consecutive_failures;
     let status = wait_for(Duration::from_secs(8), || async {
@@ -769,6 +811,31 @@ struct LocalApi {
 }
 
 impl LocalApi {
+    /// `GET /cpis/FHIR/R4/CareTeam` for scheduled care: the searchset Bundle and its size.
+    async fn fhir_care_team(&self, nhs: &str) -> anyhow::Result<(serde_json::Value, u64)> {
+        let r = self
+            .http
+            .get(format!(
+                "{}/cpis/FHIR/R4/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number%7C{nhs}",
+                self.base
+            ))
+            .header("IsUnscheduledAccessEvent", "false")
+            .header("TraceID", "INC-DEMO-FHIR")
+            .send()
+            .await
+            .context("GET /cpis/FHIR/R4/CareTeam from the agent")?;
+        let status = r.status();
+        let text = r.text().await.context("reading the FHIR answer")?;
+        if !status.is_success() {
+            bail!("the FHIR CareTeam search answered {status}: {text}");
+        }
+        let n = text.len() as u64;
+        Ok((
+            serde_json::from_str(&text).with_context(|| format!("reading {text}"))?,
+            n,
+        ))
+    }
+
     /// `POST /v1/lookups`: the answer, or the error's code and message for a `4xx`; and the
     /// answer's size.
     async fn lookup(&self, nhs: &str) -> anyhow::Result<(Result<LookupResponse, String>, u64)> {

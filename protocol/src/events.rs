@@ -55,6 +55,24 @@ pub struct AccessEvent {
     pub freshness: Freshness,
     pub setting: CareSetting,
     pub incident_ref: Option<String>,
+    /// Unscheduled care (the default, and all ambulance care): a flagged lookup notifies
+    /// each owning council. `false` (scheduled care, e.g. an ePR's FHIR search with
+    /// `IsUnscheduledAccessEvent: false`): recorded in the audit trail, no council notice,
+    /// as in the national service. Left out of the JSON when `true`, so events from agents
+    /// before this field read, and compare, as they always did.
+    #[serde(
+        default = "unscheduled_default",
+        skip_serializing_if = "is_unscheduled"
+    )]
+    pub unscheduled: bool,
+}
+
+fn unscheduled_default() -> bool {
+    true
+}
+
+fn is_unscheduled(unscheduled: &bool) -> bool {
+    *unscheduled
 }
 
 /// A batch of events sent by a device.

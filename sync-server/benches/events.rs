@@ -91,6 +91,7 @@ impl Events {
             freshness: Freshness::Fresh,
             setting: CareSetting::Ambulance,
             incident_ref: Some(format!("INC-{}", rng.gen_range(0..1_000_000))),
+            unscheduled: true,
         }
     }
 

@@ -3,13 +3,23 @@
 //! bounded text. An event with impossible times (a tablet clock before 2024 or more than a
 //! day ahead) is NOT refused: a crew's lookup must still reach the council. It is stored
 //! marked [`clock_suspect`], and the server's receipt time stands in for the tablet's time
-//! wherever time orders or ages anything. Pure logic, no IO.
+//! wherever time orders or ages anything.
+//!
+//! Also the rules for storing an event, which every store backend calls inside its write
+//! transaction so that its SQL only reads and writes: what a repeated event id means
+//! ([`repeated`]), which councils a flagged access notifies ([`councils_to_notify`]) and of
+//! which plan types ([`notified_plan_types`]), and when its contact counts
+//! ([`contact_time`]). Pure logic, no IO.
+
+use std::collections::BTreeSet;
 
 use chrono::{DateTime, Duration, Utc};
 use cpis_protocol::ingest::{EARLIEST_ACCESS, MAX_CLOCK_AHEAD_SECS, MAX_TEXT_CHARS, codes};
-use cpis_protocol::{AccessEvent, DeviceId, EventId, PlanType, RejectedEvent, TrustCode};
+use cpis_protocol::{
+    AccessEvent, CouncilCode, DeviceId, EventId, LookupResult, PlanType, RejectedEvent, TrustCode,
+};
 
-use crate::store::RefusedEvent;
+use crate::store::{EventSource, RefusedEvent};
 
 /// Most councils one event may name.
 const MAX_COUNCILS: usize = 64;
@@ -105,6 +115,77 @@ pub fn clock_suspect(event: &AccessEvent, received_at: DateTime<Utc>) -> bool {
         || event.data_as_of.is_some_and(|t| t > latest)
 }
 
+/// What an event id already stored means when it arrives again: the first stored version
+/// always stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repeated {
+    /// The new copy differs from the stored one.
+    pub conflict: bool,
+    /// What the audit log records, if anything (a plain retry records nothing).
+    pub audit: Option<&'static str>,
+    /// Whether its councils are notified again (idempotently: one notice per council).
+    pub notify: bool,
+}
+
+/// The rule for an event id sent again, from `source`, with `body` where `stored` was kept.
+/// An online confirmation was shown to the crew with the server's answer, so its councils
+/// are notified even when the outbox's copy got here first; any other repeat is a retry
+/// (nothing to do) or, with different content, logged and ignored.
+pub fn repeated(stored: &str, body: &str, source: EventSource) -> Repeated {
+    let conflict = stored != body;
+    let confirm = source == EventSource::Confirm;
+    Repeated {
+        conflict,
+        audit: match (conflict, confirm) {
+            (true, true) => Some("event_confirmed"),
+            (true, false) => Some("event_resent_different"),
+            (false, _) => None,
+        },
+        notify: confirm,
+    }
+}
+
+/// The councils a flagged access in unscheduled care notifies, each once, in code order;
+/// none for a miss, and none for scheduled care (recorded in the audit trail only, as the
+/// national service does).
+pub fn councils_to_notify(event: &AccessEvent) -> BTreeSet<&CouncilCode> {
+    if event.result != LookupResult::Flagged || !event.unscheduled {
+        return BTreeSet::new();
+    }
+    event.councils.iter().collect()
+}
+
+/// The plan types a council is told of, given those it `held` for the subject (its flags,
+/// and the change log's record of flags it had): those the event names that it held, or
+/// else all it held. `None` when it held none: a council is only told of a subject it has,
+/// or recently had, a flag for.
+pub fn notified_plan_types(named: &[PlanType], held: &BTreeSet<PlanType>) -> Option<Vec<PlanType>> {
+    if held.is_empty() {
+        return None;
+    }
+    let named: BTreeSet<PlanType> = named.iter().filter(|p| held.contains(p)).copied().collect();
+    Some(if named.is_empty() {
+        held.iter().copied().collect()
+    } else {
+        named.into_iter().collect()
+    })
+}
+
+/// When a notified access counts as the subject's contact: the tablet's time, unless its
+/// clock was impossible, when the server's receipt time stands in (a wrong clock must not
+/// order or date the subject's contacts).
+pub fn contact_time(
+    event: &AccessEvent,
+    clock_suspect: bool,
+    received_at: DateTime<Utc>,
+) -> DateTime<Utc> {
+    if clock_suspect {
+        received_at
+    } else {
+        event.accessed_at
+    }
+}
+
 /// Reads and checks each event of a batch on its own.
 pub fn check_batch(
     events: Vec<serde_json::Value>,
@@ -184,7 +265,70 @@ mod tests {
             freshness: Freshness::Fresh,
             setting: CareSetting::Ambulance,
             incident_ref: None,
+            unscheduled: true,
         }
+    }
+
+    #[test]
+    fn a_repeated_id_keeps_the_first_version_and_a_confirmation_still_notifies() {
+        let retry = repeated("a", "a", EventSource::Upload);
+        assert_eq!(
+            retry,
+            Repeated {
+                conflict: false,
+                audit: None,
+                notify: false
+            }
+        );
+        let different = repeated("a", "b", EventSource::Upload);
+        assert!(different.conflict && !different.notify);
+        assert_eq!(different.audit, Some("event_resent_different"));
+        let confirmed = repeated("a", "b", EventSource::Confirm);
+        assert!(confirmed.conflict && confirmed.notify);
+        assert_eq!(confirmed.audit, Some("event_confirmed"));
+        let same_confirmation = repeated("a", "a", EventSource::Confirm);
+        assert!(!same_confirmation.conflict && same_confirmation.notify);
+        assert_eq!(same_confirmation.audit, None);
+    }
+
+    #[test]
+    fn only_flagged_accesses_notify_each_named_council_once_of_what_it_held() {
+        let c = caller();
+        let mut e = event(&c);
+        let leics: CouncilCode = "E10000018".parse().unwrap();
+        let notts: CouncilCode = "E10000024".parse().unwrap();
+        e.councils = vec![notts.clone(), leics.clone(), notts.clone()];
+        assert!(councils_to_notify(&e).is_empty(), "a miss notifies nobody");
+        e.result = LookupResult::Flagged;
+        assert_eq!(
+            councils_to_notify(&e).into_iter().collect::<Vec<_>>(),
+            vec![&leics, &notts]
+        );
+        e.unscheduled = false;
+        assert!(
+            councils_to_notify(&e).is_empty(),
+            "scheduled care: no notice"
+        );
+        e.unscheduled = true;
+
+        let held: BTreeSet<PlanType> = [PlanType::Cpp, PlanType::Lac].into_iter().collect();
+        // Named and held: only those; named but not held by this council: all it held.
+        assert_eq!(
+            notified_plan_types(&[PlanType::Lac, PlanType::Lac, PlanType::Ucpp], &held),
+            Some(vec![PlanType::Lac])
+        );
+        assert_eq!(
+            notified_plan_types(&[PlanType::Ucpp], &held),
+            Some(vec![PlanType::Cpp, PlanType::Lac])
+        );
+        assert_eq!(
+            notified_plan_types(&[PlanType::Cpp], &BTreeSet::new()),
+            None
+        );
+
+        let received = now() + Duration::hours(1);
+        assert_eq!(contact_time(&e, false, received), e.accessed_at);
+        assert_eq!(contact_time(&e, true, received), received);
     }
 
     #[test]

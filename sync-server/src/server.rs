@@ -47,6 +47,78 @@ pub enum ServerError {
     Serve(std::io::Error),
     #[error("a server task failed: {0}")]
     Task(String),
+    /// Another `serve` holds the SQLite data dir (SQLite allows one writing server).
+    #[error(
+        "{} is already being served by another cpis-sync-server ({holder}); a SQLite data dir \
+         takes one `serve` at a time: stop that one first, or run several replicas on \
+         PostgreSQL",
+        dir.display()
+    )]
+    AlreadyServing { dir: PathBuf, holder: String },
+}
+
+/// The lock a `serve` holds on its SQLite data dir for as long as it runs: an exclusive
+/// advisory lock on `DIR/serve.lock`, which names its holder. The kernel drops it when the
+/// process ends, however it ends, so a crash never leaves a stale lock behind.
+#[derive(Debug)]
+pub struct ServeLock {
+    _file: std::fs::File,
+}
+
+/// The lock file of a data dir.
+pub const SERVE_LOCK_FILE: &str = "serve.lock";
+
+impl ServeLock {
+    /// Takes the data dir's lock, or says which process holds it.
+    pub fn acquire(data_dir: &Path) -> Result<Self, ServerError> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        let path = data_dir.join(SERVE_LOCK_FILE);
+        let io = |action: &'static str| {
+            let path = path.clone();
+            move |source| ServerError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io("opening the serve lock"))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(ServerError::AlreadyServing {
+                    dir: data_dir.to_owned(),
+                    holder: if holder.is_empty() {
+                        "a process that has not yet said who it is".to_owned()
+                    } else {
+                        holder.to_owned()
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io("locking the serve lock")(e));
+            }
+        }
+        let who = format!(
+            "pid {} since {}",
+            std::process::id(),
+            chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(who.as_bytes()))
+            .and_then(|()| file.sync_all())
+            .map_err(io("writing the serve lock"))?;
+        Ok(Self { _file: file })
+    }
 }
 
 /// Creates a data dir: keys and certificates, `server.toml` and the migrated database.
@@ -101,6 +173,8 @@ pub struct ServerHandle {
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), ServerError>>,
     store: SqliteStore,
+    /// Held while the server runs (one `serve` per SQLite data dir).
+    _lock: ServeLock,
 }
 
 impl Server {
@@ -111,6 +185,7 @@ impl Server {
         clock: Arc<dyn Clock>,
     ) -> Result<ServerHandle, ServerError> {
         let store = open_store(data_dir)?;
+        let lock = ServeLock::acquire(data_dir)?;
         let pki = Arc::new(Pki::load(data_dir)?);
         let tls = pki.server_tls_config()?;
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -181,6 +256,7 @@ impl Server {
             shutdown,
             tasks,
             store,
+            _lock: lock,
         })
     }
 }

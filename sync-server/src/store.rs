@@ -36,8 +36,9 @@ pub enum StoreError {
     /// Data in the database could not be read back into a domain type.
     #[error("corrupt row in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
+    /// The database refused or failed an operation (the backend's own message).
     #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
+    Database(String),
     #[error("the store's writer has stopped")]
     WriterStopped,
     #[error("store task failed: {0}")]

@@ -12,6 +12,8 @@ use cpis_protocol::{
 /// it, both as of `now`.
 pub(crate) struct Region {
     pub(crate) flags: Vec<FlagRecord>,
+    // Not every benchmark reads it.
+    #[allow(dead_code)]
     pub(crate) councils: Vec<CouncilInfo>,
     pub(crate) snapshot: SignedMessage,
     pub(crate) body: Vec<u8>,

@@ -10,6 +10,7 @@ mod clock_sync;
 mod common;
 mod crash;
 mod deps;
+mod fhir;
 mod freshness;
 mod integrity;
 mod lifecycle;

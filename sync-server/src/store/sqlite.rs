@@ -35,6 +35,12 @@ mod lifecycle;
 mod pages;
 
 /// The schema, one entry per migration; `user_version` counts the applied ones.
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT;
@@ -668,7 +674,7 @@ fn map_conflict(what: String) -> impl FnOnce(rusqlite::Error) -> StoreError {
         if is_constraint(&e) {
             StoreError::Conflict(what)
         } else {
-            StoreError::Database(e)
+            StoreError::from(e)
         }
     }
 }

@@ -338,3 +338,30 @@ async fn kill_9_mid_ingest_loses_and_duplicates_nothing() {
         assert_eq!(stored_entries, 1);
     }
 }
+
+#[test]
+fn a_second_serve_on_the_same_sqlite_dir_is_refused_naming_the_first_and_a_kill_frees_it() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let dir = tmp.path().join("data");
+    server::init(&dir, &["localhost".into()]).unwrap();
+    let mut first = Running::start(&dir);
+    let pid = first.child.id();
+    let second = Command::new(env!("CARGO_BIN_EXE_cpis-sync-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("CPIS_METRICS_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is already being served by another cpis-sync-server (pid ")
+            && stderr.contains(&format!("pid {pid} since")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("PostgreSQL"), "{stderr}");
+    // The first one still serves; once it is killed (no clean exit), the dir is free again.
+    first.kill9();
+    let again = Running::start(&dir);
+    assert!(again.base.starts_with("https://localhost:"));
+}

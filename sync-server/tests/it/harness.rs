@@ -277,6 +277,7 @@ impl Device {
             freshness: Freshness::Fresh,
             setting: CareSetting::Ambulance,
             incident_ref: Some("INC-1".into()),
+            unscheduled: true,
         }
     }
 

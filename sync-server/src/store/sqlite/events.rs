@@ -8,16 +8,16 @@ use std::collections::{BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use cpis_protocol::mailbox::{Notification, NotificationId, OVERDUE_AFTER_DAYS};
 use cpis_protocol::{
-    AccessEvent, CareSetting, CouncilCode, CouncilInfo, EventId, FlagRecord, LookupResult,
-    MAX_RECENT_CONTACTS, NhsNumber, Organisation, PlanType, RecentContact,
+    AccessEvent, CareSetting, CouncilCode, CouncilInfo, EventId, FlagRecord, MAX_RECENT_CONTACTS,
+    NhsNumber, Organisation, PlanType, RecentContact,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::collections::BTreeMap;
 
 use super::{OP_CONTACTS, bad, head_version, nhs, opt_date, parse_col, set_head_version, ts};
+use crate::ingest;
 use crate::store::{
-    AuditEntry, EventIngest, EventSource, IngestOutcome, MailboxStats, NationalLookup, StoreError,
-    StoredEvent,
+    AuditEntry, EventIngest, IngestOutcome, MailboxStats, NationalLookup, StoreError, StoredEvent,
 };
 
 /// Schema of events, notifications, contacts and the audit log (migration 2).
@@ -224,35 +224,26 @@ pub(super) fn ingest(
             )?;
         } else {
             let before: String = stored_body.query_row([&id], |r| r.get(0))?;
-            conflict = before != ie.body;
-            if conflict && ingest.source == EventSource::Confirm {
-                // The outbox copy got here first; the crew was still shown the server's
-                // answer, so its councils are notified below (idempotently).
-                audit(
-                    conn,
-                    at,
-                    "event_confirmed",
-                    Some(&e.event_id),
-                    Some(device.clone()),
-                    None,
-                    Some(&ie.body),
-                )?;
-            } else if conflict {
+            let repeat = ingest::repeated(&before, &ie.body, ingest.source);
+            conflict = repeat.conflict;
+            if repeat.audit == Some("event_resent_different") {
                 tracing::warn!(
                     event = %e.event_id, device = %ingest.device,
                     "event id sent again with different content; the first stored version stands"
                 );
+            }
+            if let Some(action) = repeat.audit {
                 audit(
                     conn,
                     at,
-                    "event_resent_different",
+                    action,
                     Some(&e.event_id),
                     Some(device.clone()),
                     None,
                     Some(&ie.body),
                 )?;
             }
-            if ingest.source != EventSource::Confirm {
+            if !repeat.notify {
                 outcomes.push(IngestOutcome {
                     event_id: e.event_id,
                     new,
@@ -264,53 +255,38 @@ pub(super) fn ingest(
             }
         }
         let mut notified = Vec::new();
-        if e.result == LookupResult::Flagged {
-            let councils: BTreeSet<&CouncilCode> = e.councils.iter().collect();
-            for council in councils {
-                let held = held_plan_types(conn, council, e.nhs_number)?;
-                if held.is_empty() {
-                    tracing::warn!(
-                        event = %e.event_id, %council,
-                        "flagged event names a council that holds no flag for the subject; \
-                         no notification"
-                    );
-                    continue;
-                }
-                let mut types: Vec<PlanType> = e
-                    .plan_types
-                    .iter()
-                    .filter(|p| held.contains(p))
-                    .copied()
-                    .collect();
-                types.sort();
-                types.dedup();
-                if types.is_empty() {
-                    types = held.into_iter().collect();
-                }
-                let n = notify.execute(params![
-                    id,
-                    council.as_str(),
-                    plan_types_text(&types),
-                    ms(at)
-                ])?;
-                if n > 0 {
-                    audit(
-                        conn,
-                        at,
-                        "notification_queued",
-                        Some(&e.event_id),
-                        Some(device.clone()),
-                        Some(council),
-                        None,
-                    )?;
-                }
-                notified.push(council.clone());
+        for council in ingest::councils_to_notify(e) {
+            let held = held_plan_types(conn, council, e.nhs_number)?;
+            let Some(types) = ingest::notified_plan_types(&e.plan_types, &held) else {
+                tracing::warn!(
+                    event = %e.event_id, %council,
+                    "flagged event names a council that holds no flag for the subject; \
+                     no notification"
+                );
+                continue;
+            };
+            let n = notify.execute(params![
+                id,
+                council.as_str(),
+                plan_types_text(&types),
+                ms(at)
+            ])?;
+            if n > 0 {
+                audit(
+                    conn,
+                    at,
+                    "notification_queued",
+                    Some(&e.event_id),
+                    Some(device.clone()),
+                    Some(council),
+                    None,
+                )?;
             }
+            notified.push(council.clone());
         }
         let mut contacts_changed = false;
         if !notified.is_empty() {
-            // A wrong tablet clock must not order (or date) the subject's contacts.
-            let when = if ie.clock_suspect { at } else { e.accessed_at };
+            let when = ingest::contact_time(e, ie.clock_suspect, at);
             let added = contact.execute(params![
                 nhs_value,
                 id,

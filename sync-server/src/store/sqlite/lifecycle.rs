@@ -110,7 +110,7 @@ pub(super) fn add_rollover(c: &Connection, record: &KeyRolloverRecord) -> Result
         if super::is_constraint(&e) {
             StoreError::Conflict(format!("a rollover to key {}", r.next))
         } else {
-            StoreError::Database(e)
+            StoreError::from(e)
         }
     })?;
     Ok(())
