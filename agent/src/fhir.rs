@@ -528,6 +528,19 @@ async fn care_team(
 ) -> Result<Response, Outcome> {
     let q = search(query.as_deref(), &headers, None)?;
     let resp = lookup(&s, &q, q.unscheduled).await?;
+    if resp.result == LookupResult::Flagged && resp.flags.is_empty() {
+        // Never an empty searchset for a flagged child (it would read as "no record").
+        return Err(Outcome {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "incomplete",
+            detail: None,
+            diagnostics: format!(
+                "the patient is flagged but the plan details are not available on the tablet; \
+                 ask the national service or the council. The access was recorded (event {})",
+                resp.event_id
+            ),
+        });
+    }
     let nhs = resp.nhs_number.clone();
     let matches = resp.flags.iter().map(|f| care_team_of(&nhs, f)).collect();
     let url = self_url(&headers, "CareTeam", query.as_deref());

@@ -32,6 +32,7 @@ use tss_esapi::handles::{
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
+use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     CapabilityData, EccPoint, KeyedHashScheme, MaxNvBuffer, NvPublicBuilder, Private, Public,
     PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
@@ -133,6 +134,49 @@ impl Tpm2Keystore {
             message,
         }
     }
+
+    /// Unseals the loaded object and reads the NV index, through the encrypting session.
+    fn read_secrets(
+        &self,
+        ctx: &mut Context,
+        session: AuthSession,
+        object: KeyHandle,
+        nv_index: u32,
+    ) -> Result<(Secret, Secret), KeyError> {
+        let tcti = self.tcti.as_str();
+        let unsealed = ctx
+            .execute_with_session(Some(session), |c| c.unseal(object.into()))
+            .map_err(|e| self.not_this_tpm(format!("the sealed key does not unseal: {e}")))?;
+        let sealed_secret = Zeroizing::new(unsealed.value().to_vec());
+        if !nv_defined(ctx, tcti, nv_index)? {
+            return Err(self.not_this_tpm(format!(
+                "its NV index {nv_index:#010x} is not defined on this TPM"
+            )));
+        }
+        let handle = nv_handle(ctx, tcti, nv_index)?;
+        let nv = ctx
+            .execute_with_session(Some(session), |c| {
+                c.nv_read(NvAuth::Owner, handle, KEY_LEN as u16, 0)
+            })
+            .map_err(|e| fail(tcti, "reading the NV index", e))?;
+        Ok((sealed_secret, Zeroizing::new(nv.value().to_vec())))
+    }
+}
+
+/// A secret read from the TPM, wiped from memory when dropped.
+type Secret = Zeroizing<Vec<u8>>;
+
+/// Runs `f` with the storage primary key loaded, and flushes it afterwards, whatever `f`
+/// returned.
+fn with_primary<T>(
+    ctx: &mut Context,
+    tcti: &str,
+    f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, KeyError>,
+) -> Result<T, KeyError> {
+    let primary = primary(ctx, tcti)?;
+    let result = f(ctx, primary);
+    let _ = ctx.flush_context(primary.into());
+    result
 }
 
 impl Keystore for Tpm2Keystore {
@@ -151,16 +195,15 @@ impl Keystore for Tpm2Keystore {
         let mut ctx = context(tcti)?;
         let sealed_secret = random_secret();
         let nv_secret = random_secret();
-        let primary = primary(&mut ctx, tcti)?;
         let sensitive = SensitiveData::try_from(sealed_secret.to_vec())
             .map_err(|e| fail(tcti, "preparing the sealed object", e))?;
         let template = sealed_object_template().map_err(|e| fail(tcti, "a sealed object", e))?;
-        let created = ctx
-            .execute_with_nullauth_session(|c| {
+        let created = with_primary(&mut ctx, tcti, |ctx, primary| {
+            ctx.execute_with_nullauth_session(|c| {
                 c.create(primary, template, None, Some(sensitive), None, None)
             })
-            .map_err(|e| fail(tcti, "sealing the key", e))?;
-        let _ = ctx.flush_context(primary.into());
+            .map_err(|e| fail(tcti, "sealing the key", e))
+        })?;
         let index = define_nv_secret(&mut ctx, tcti, &nv_secret)?;
         let record = KeyRecord {
             format: RECORD_FORMAT,
@@ -205,31 +248,21 @@ impl Keystore for Tpm2Keystore {
             .and_then(|b| Private::try_from(b).ok())
             .ok_or_else(|| KeyError::Damaged(format!("{}: private part", self.path.display())))?;
         let mut ctx = context(tcti)?;
-        let primary = primary(&mut ctx, tcti)?;
-        let object = ctx
-            .execute_with_nullauth_session(|c| c.load(primary, private, public))
-            .map_err(|e| self.not_this_tpm(format!("the sealed key does not load: {e}")))?;
-        let session = encrypting_session(&mut ctx, tcti, primary)?;
-        let unsealed = ctx
-            .execute_with_session(Some(session), |c| c.unseal(object.into()))
-            .map_err(|e| self.not_this_tpm(format!("the sealed key does not unseal: {e}")));
-        let _ = ctx.flush_context(object.into());
-        let sealed_secret = Zeroizing::new(unsealed?.value().to_vec());
-        if !nv_defined(&mut ctx, tcti, record.nv_index)? {
-            return Err(self.not_this_tpm(format!(
-                "its NV index {:#010x} is not defined on this TPM",
-                record.nv_index
-            )));
-        }
-        let handle = nv_handle(&mut ctx, tcti, record.nv_index)?;
-        let nv = ctx
-            .execute_with_session(Some(session), |c| {
-                c.nv_read(NvAuth::Owner, handle, KEY_LEN as u16, 0)
-            })
-            .map_err(|e| fail(tcti, "reading the NV index", e));
-        let _ = ctx.flush_context(SessionHandle::from(session).into());
-        let _ = ctx.flush_context(primary.into());
-        let nv_secret = Zeroizing::new(nv?.value().to_vec());
+        // Every handle is flushed as soon as it is done with, whatever happens (tss-esapi
+        // would also flush them when the context drops): a TPM has room for only a few.
+        let (sealed_secret, nv_secret) = with_primary(&mut ctx, tcti, |ctx, primary| {
+            let object = ctx
+                .execute_with_nullauth_session(|c| c.load(primary, private, public))
+                .map_err(|e| self.not_this_tpm(format!("the sealed key does not load: {e}")))?;
+            let session = encrypting_session(ctx, tcti, primary);
+            let secrets = session.and_then(|session| {
+                let read = self.read_secrets(ctx, session, object, record.nv_index);
+                let _ = ctx.flush_context(SessionHandle::from(session).into());
+                read
+            });
+            let _ = ctx.flush_context(object.into());
+            secrets
+        })?;
         if nv_secret.len() != KEY_LEN || sealed_secret.len() != KEY_LEN {
             return Err(self.not_this_tpm("the secrets have the wrong length".into()));
         }
@@ -342,7 +375,7 @@ fn encrypting_session(
     ctx: &mut Context,
     tcti: &str,
     primary: KeyHandle,
-) -> Result<tss_esapi::interface_types::session_handles::AuthSession, KeyError> {
+) -> Result<AuthSession, KeyError> {
     let session = ctx
         .start_auth_session(
             Some(primary),

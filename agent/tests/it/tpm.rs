@@ -235,6 +235,21 @@ async fn a_copied_disk_opens_nothing_on_another_tpm_nor_after_a_wipe_on_the_same
     let out = cli(&tpm.tcti, args(&["status", "--json"], &before_wipe)).await;
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(out.stdout.is_empty());
+
+    // Failed unseals leave nothing loaded in the TPM (it has room for only a few objects and
+    // sessions): after many, the same TPM still enrols and answers a new tablet.
+    for _ in 0..6 {
+        let out = lookup(&tpm.tcti, &before_wipe, 0).await;
+        assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+        let out = lookup(&tpm.tcti, &foreign, 0).await;
+        assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    }
+    let again = root.path().join("enrolled-again");
+    let out = enrol(&env, &tpm.tcti, &again, Some("tpm2")).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = cli(&tpm.tcti, args(&["sync"], &again)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(result_of(&lookup(&tpm.tcti, &again, 0).await), "flagged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
