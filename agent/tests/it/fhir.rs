@@ -532,3 +532,73 @@ async fn the_local_token_gates_fhir_and_a_national_access_token_is_not_ours_to_j
     let refs: Vec<(&str, &Value)> = docs.iter().map(|d| ("unauthorised", d)).collect();
     validate(&refs).unwrap_or_else(|r| panic!("invalid FHIR:\n{r}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_run_a_fhir_miss_is_checked_nationally_as_a_v1_lookup_is() {
+    use cpis_agent::service::{RunConfig, Service};
+    let mut env = Env::start(Utc::now()).await;
+    const LANCS: &str = "E10000017";
+    env.add_region_with_council("NW", LANCS, "Lancashire Test Council")
+        .await;
+    env.upload(LEICS, &[(nhs(0), "CPP", "2026-01-10", "")])
+        .await;
+    env.upload(LANCS, &[(nhs(7), "LAC", "2025-03-01", "")])
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Arc::new(env.enrol_agent(&env.base, dir.path()).await);
+    let mut sync = cpis_agent::background::LoopConfig::default();
+    sync.schedule.interval = Duration::from_secs(3600);
+    sync.schedule.soon = Duration::from_millis(100);
+    sync.schedule.backoff_min = Duration::from_millis(200);
+    sync.schedule.backoff_max = Duration::from_secs(1);
+    let svc = Service::start(
+        agent.clone(),
+        RunConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            sync,
+            confirm_bound: Some(Duration::from_secs(10)),
+        },
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while agent.status().unwrap().version.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no first sync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let base = format!("http://{}", svc.local_addr());
+    // Not in this tablet's region (EM): the national check finds Lancashire's flag, and the
+    // CareTeam is Lancashire's, stated as checked nationally.
+    let a = get(
+        &base,
+        &care_team(&nhs(7).to_string()),
+        &[("TraceID", "INC-FHIR")],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let teams = entries(&a.body, "match");
+    assert_eq!(teams.len(), 1, "{}", a.body);
+    assert_eq!(teams[0]["category"][0]["coding"][0]["code"], "LAC");
+    assert_eq!(
+        teams[0]["managingOrganization"][0]["identifier"]["value"],
+        LANCS
+    );
+    let outcome = entries(&a.body, "outcome")[0].clone();
+    let said = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(said.contains("Checked nationally at"), "{said}");
+    assert!(said.contains(": flagged."), "{said}");
+    // The notice reaches Lancashire once, with the TraceID as the incident reference.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while agent.outbox_counts().unwrap().0 > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let notices = env.mailbox(LANCS).await;
+    assert_eq!(notices.len(), 1);
+    assert_eq!(notices[0].incident_ref.as_deref(), Some("INC-FHIR"));
+    validate(&[("national", &a.body)]).unwrap_or_else(|r| panic!("invalid FHIR:\n{r}"));
+    svc.shutdown().await.unwrap();
+}
