@@ -418,7 +418,7 @@ fn care_team_of(nhs: &str, f: &FlagView) -> (String, Value) {
     }
     let mut team = json!({
         "resourceType": "CareTeam",
-        "id": id,
+        "id": &id,
         "status": if f.ended { "inactive" } else { "active" },
         "category": [{"coding": [{
             "system": PLAN_TYPE_SYSTEM,
@@ -436,13 +436,7 @@ fn care_team_of(nhs: &str, f: &FlagView) -> (String, Value) {
     if !telecom.is_empty() {
         team["telecom"] = Value::Array(telecom);
     }
-    (
-        format!(
-            "urn:cpis-edge:CareTeam:{}",
-            team["id"].as_str().unwrap_or("")
-        ),
-        team,
-    )
+    (format!("urn:cpis-edge:CareTeam:{id}"), team)
 }
 
 fn setting_code(s: CareSetting) -> (&'static str, &'static str) {

@@ -26,9 +26,7 @@ use tss_esapi::attributes::{
     NvIndexAttributesBuilder, ObjectAttributesBuilder, SessionAttributesBuilder,
 };
 use tss_esapi::constants::{CapabilityType, PropertyTag, SessionType};
-use tss_esapi::handles::{
-    KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, SessionHandle, TpmHandle,
-};
+use tss_esapi::handles::{KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
@@ -166,19 +164,6 @@ impl Tpm2Keystore {
 /// A secret read from the TPM, wiped from memory when dropped.
 type Secret = Zeroizing<Vec<u8>>;
 
-/// Runs `f` with the storage primary key loaded, and flushes it afterwards, whatever `f`
-/// returned.
-fn with_primary<T>(
-    ctx: &mut Context,
-    tcti: &str,
-    f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, KeyError>,
-) -> Result<T, KeyError> {
-    let primary = primary(ctx, tcti)?;
-    let result = f(ctx, primary);
-    let _ = ctx.flush_context(primary.into());
-    result
-}
-
 impl Keystore for Tpm2Keystore {
     fn protection(&self) -> KeyProtection {
         KeyProtection::Tpm2
@@ -198,12 +183,12 @@ impl Keystore for Tpm2Keystore {
         let sensitive = SensitiveData::try_from(sealed_secret.to_vec())
             .map_err(|e| fail(tcti, "preparing the sealed object", e))?;
         let template = sealed_object_template().map_err(|e| fail(tcti, "a sealed object", e))?;
-        let created = with_primary(&mut ctx, tcti, |ctx, primary| {
-            ctx.execute_with_nullauth_session(|c| {
+        let primary = primary(&mut ctx, tcti)?;
+        let created = ctx
+            .execute_with_nullauth_session(|c| {
                 c.create(primary, template, None, Some(sensitive), None, None)
             })
-            .map_err(|e| fail(tcti, "sealing the key", e))
-        })?;
+            .map_err(|e| fail(tcti, "sealing the key", e))?;
         let index = define_nv_secret(&mut ctx, tcti, &nv_secret)?;
         let record = KeyRecord {
             format: RECORD_FORMAT,
@@ -247,22 +232,17 @@ impl Keystore for Tpm2Keystore {
             .ok()
             .and_then(|b| Private::try_from(b).ok())
             .ok_or_else(|| KeyError::Damaged(format!("{}: private part", self.path.display())))?;
+        // The context lives for this call only: on every path, tss-esapi flushes the primary,
+        // the loaded object and the session when it drops, so a failed unseal leaves nothing
+        // loaded in the TPM.
         let mut ctx = context(tcti)?;
-        // Every handle is flushed as soon as it is done with, whatever happens (tss-esapi
-        // would also flush them when the context drops): a TPM has room for only a few.
-        let (sealed_secret, nv_secret) = with_primary(&mut ctx, tcti, |ctx, primary| {
-            let object = ctx
-                .execute_with_nullauth_session(|c| c.load(primary, private, public))
-                .map_err(|e| self.not_this_tpm(format!("the sealed key does not load: {e}")))?;
-            let session = encrypting_session(ctx, tcti, primary);
-            let secrets = session.and_then(|session| {
-                let read = self.read_secrets(ctx, session, object, record.nv_index);
-                let _ = ctx.flush_context(SessionHandle::from(session).into());
-                read
-            });
-            let _ = ctx.flush_context(object.into());
-            secrets
-        })?;
+        let primary = primary(&mut ctx, tcti)?;
+        let object = ctx
+            .execute_with_nullauth_session(|c| c.load(primary, private, public))
+            .map_err(|e| self.not_this_tpm(format!("the sealed key does not load: {e}")))?;
+        let session = encrypting_session(&mut ctx, tcti, primary)?;
+        let (sealed_secret, nv_secret) =
+            self.read_secrets(&mut ctx, session, object, record.nv_index)?;
         if nv_secret.len() != KEY_LEN || sealed_secret.len() != KEY_LEN {
             return Err(self.not_this_tpm("the secrets have the wrong length".into()));
         }

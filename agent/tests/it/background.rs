@@ -217,13 +217,7 @@ async fn offline_lookups_are_delivered_by_the_loop_after_reconnect_with_one_noti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_confirmation_finds_another_regions_flag_and_records_the_access() {
     let mut env = Env::start(Utc::now()).await;
-    const LANCS: &str = "E10000017";
-    env.add_region_with_council("NW", LANCS, "Lancashire Test Council")
-        .await;
-    env.upload(LEICS, &[(nhs(0), "CPP", "2026-01-10", "")])
-        .await;
-    env.upload(LANCS, &[(nhs(7), "LAC", "2025-03-01", "")])
-        .await;
+    with_another_region(&mut env).await;
     let dir = tempfile::tempdir().unwrap();
     let agent = Arc::new(enrol_via(&env, &env.base, dir.path(), Arc::new(SystemClock)).await);
     let svc = Service::start(

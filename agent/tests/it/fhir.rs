@@ -15,7 +15,7 @@ use cpis_agent::api::LocalApi;
 use serde_json::Value;
 
 use crate::common::*;
-use crate::server::{Env, LEICS, nhs};
+use crate::server::{Env, LANCS, LEICS, nhs, run_quick, with_another_region};
 
 const NHS: &str = "https://fhir.nhs.uk/Id/nhs-number";
 
@@ -535,37 +535,11 @@ async fn the_local_token_gates_fhir_and_a_national_access_token_is_not_ours_to_j
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_run_a_fhir_miss_is_checked_nationally_as_a_v1_lookup_is() {
-    use cpis_agent::service::{RunConfig, Service};
     let mut env = Env::start(Utc::now()).await;
-    const LANCS: &str = "E10000017";
-    env.add_region_with_council("NW", LANCS, "Lancashire Test Council")
-        .await;
-    env.upload(LEICS, &[(nhs(0), "CPP", "2026-01-10", "")])
-        .await;
-    env.upload(LANCS, &[(nhs(7), "LAC", "2025-03-01", "")])
-        .await;
+    with_another_region(&mut env).await;
     let dir = tempfile::tempdir().unwrap();
     let agent = Arc::new(env.enrol_agent(&env.base, dir.path()).await);
-    let mut sync = cpis_agent::background::LoopConfig::default();
-    sync.schedule.interval = Duration::from_secs(3600);
-    sync.schedule.soon = Duration::from_millis(100);
-    sync.schedule.backoff_min = Duration::from_millis(200);
-    sync.schedule.backoff_max = Duration::from_secs(1);
-    let svc = Service::start(
-        agent.clone(),
-        RunConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            sync,
-            confirm_bound: Some(Duration::from_secs(10)),
-        },
-    )
-    .await
-    .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while agent.status().unwrap().version.is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "no first sync");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let svc = run_quick(agent.clone()).await;
     let base = format!("http://{}", svc.local_addr());
     // Not in this tablet's region (EM): the national check finds Lancashire's flag, and the
     // CareTeam is Lancashire's, stated as checked nationally.

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use cpis_agent::api::LocalApi;
-use cpis_agent::service::{RunConfig, Service};
 use cpis_agent::{Agent, ManualClock, SystemClock};
 use cpis_protocol::{
     CareSetting, FlagRecord, Organisation, RecentContact, SignedMessage, SnapshotBody,
@@ -825,13 +824,7 @@ async fn requests_for_another_host_are_refused_dns_rebinding() {
 async fn under_run_a_page_lookup_is_checked_nationally_and_its_notice_delivered() {
     use crate::server::*;
     let mut env = Env::start(Utc::now()).await;
-    const LANCS: &str = "E10000017";
-    env.add_region_with_council("NW", LANCS, "Lancashire Test Council")
-        .await;
-    env.upload(LEICS, &[(nhs(0), "CPP", "2026-01-10", "")])
-        .await;
-    env.upload(LANCS, &[(nhs(7), "LAC", "2025-03-01", "")])
-        .await;
+    with_another_region(&mut env).await;
     let dir = tempfile::tempdir().unwrap();
     let token = env.enrolment_token(1, chrono::Duration::hours(1)).await;
     let agent = Arc::new(
@@ -846,26 +839,7 @@ async fn under_run_a_page_lookup_is_checked_nationally_and_its_notice_delivered(
         .await
         .unwrap(),
     );
-    let mut sync = cpis_agent::background::LoopConfig::default();
-    sync.schedule.interval = Duration::from_secs(3600);
-    sync.schedule.soon = Duration::from_millis(100);
-    sync.schedule.backoff_min = Duration::from_millis(200);
-    sync.schedule.backoff_max = Duration::from_secs(1);
-    let svc = Service::start(
-        agent.clone(),
-        RunConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            sync,
-            confirm_bound: Some(Duration::from_secs(10)),
-        },
-    )
-    .await
-    .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while agent.status().unwrap().version.is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "no first sync");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let svc = run_quick(agent.clone()).await;
     let mut tab = Tab::new(svc.local_addr());
     tab.shift("P77").await;
     // Not in this tablet's region (EM): the national check finds Lancashire's flag.

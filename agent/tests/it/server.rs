@@ -345,3 +345,47 @@ pub(crate) fn random_rows(
     }
     rows
 }
+
+/// Lancashire: a council of region NW, outside the tablets' region EM.
+pub(crate) const LANCS: &str = "E10000017";
+
+/// Adds region NW with Lancashire; flags nhs(0) (CPP, Leicestershire: the tablet's region)
+/// and nhs(7) (LAC from 2025-03-01, Lancashire: found only by the national check).
+pub(crate) async fn with_another_region(env: &mut Env) {
+    env.add_region_with_council("NW", LANCS, "Lancashire Test Council")
+        .await;
+    env.upload(LEICS, &[(nhs(0), "CPP", "2026-01-10", "")])
+        .await;
+    env.upload(LANCS, &[(nhs(7), "LAC", "2025-03-01", "")])
+        .await;
+}
+
+/// `cpis-agent run` in this process for `agent`: a loop that sends events 100 ms after a
+/// lookup and backs off for at most 1 s, and the national check of a miss (10 s bound).
+/// Returns once the first sync has installed data.
+pub(crate) async fn run_quick(
+    agent: std::sync::Arc<cpis_agent::Agent>,
+) -> cpis_agent::service::Service {
+    use std::time::Duration;
+    let mut sync = cpis_agent::background::LoopConfig::default();
+    sync.schedule.interval = Duration::from_secs(3600);
+    sync.schedule.soon = Duration::from_millis(100);
+    sync.schedule.backoff_min = Duration::from_millis(200);
+    sync.schedule.backoff_max = Duration::from_secs(1);
+    let svc = cpis_agent::service::Service::start(
+        agent.clone(),
+        cpis_agent::service::RunConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            sync,
+            confirm_bound: Some(Duration::from_secs(10)),
+        },
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while agent.status().unwrap().version.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no first sync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    svc
+}
