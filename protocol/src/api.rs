@@ -66,6 +66,9 @@ pub mod codes {
     pub const NOT_FOUND: &str = "not_found";
     /// `408`: the request (its body included) was not complete within the server's limit.
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// `503`: the server cannot reach its database just now (`Retry-After`); nothing was
+    /// changed, send the request again.
+    pub const DATABASE_UNAVAILABLE: &str = "database_unavailable";
 }
 
 /// The CSV columns of a council upload, in order.

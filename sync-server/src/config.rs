@@ -77,6 +77,14 @@ pub struct Config {
     /// many hours unacknowledged (`CPIS_COUNCIL_OVERDUE_HOURS`; at least 1). The default,
     /// 120 (5 days), is the API's `overdue`.
     pub council_overdue_hours: u64,
+    /// The PostgreSQL database every replica shares, `postgres://USER[:PASSWORD]@HOST:PORT/DB`
+    /// (`CPIS_DATABASE_URL`); absent: SQLite, `cpis.db` in the data dir (one `serve`).
+    pub database_url: Option<String>,
+    /// Connections a replica keeps to PostgreSQL at most (`CPIS_DATABASE_MAX_CONNECTIONS`).
+    pub database_max_connections: usize,
+    /// Seconds a request waits for a PostgreSQL connection before the database counts as
+    /// unreachable and the request gets 503 (`CPIS_DATABASE_TIMEOUT_SECS`).
+    pub database_timeout_secs: u64,
     /// Freshness policy sent in every checkpoint.
     pub policy: PolicyConfig,
     /// How requests beyond what the server can serve are turned away (see `shed`).
@@ -173,6 +181,9 @@ impl Default for Config {
             snapshot_cache_bytes: 256 * 1024 * 1024,
             device_cert_days: 365,
             council_overdue_hours: 24 * cpis_protocol::mailbox::OVERDUE_AFTER_DAYS as u64,
+            database_url: None,
+            database_max_connections: 16,
+            database_timeout_secs: 5,
             policy: PolicyConfig::default(),
             load_shedding: SheddingConfig::default(),
         }
@@ -233,6 +244,20 @@ impl Config {
     /// Applies `CPIS_*` overrides read through `get`.
     pub fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         env_parse("CPIS_LISTEN", get, &mut self.listen)?;
+        if let Some(url) = get("CPIS_DATABASE_URL") {
+            let url = url.trim();
+            self.database_url = (!url.is_empty()).then(|| url.to_owned());
+        }
+        env_parse(
+            "CPIS_DATABASE_MAX_CONNECTIONS",
+            get,
+            &mut self.database_max_connections,
+        )?;
+        env_parse(
+            "CPIS_DATABASE_TIMEOUT_SECS",
+            get,
+            &mut self.database_timeout_secs,
+        )?;
         env_parse("CPIS_METRICS_LISTEN", get, &mut self.metrics_listen)?;
         env_parse(
             "CPIS_HEADER_READ_TIMEOUT_SECS",
@@ -309,7 +334,16 @@ impl Config {
 
     /// The file `init` writes: every setting with its default, commented.
     pub fn default_file() -> String {
+        Self::file_for(None)
+    }
+
+    /// The file `init --database URL` writes (`None`: SQLite, as [`Config::default_file`]).
+    pub fn file_for(database_url: Option<&str>) -> String {
         let d = Config::default();
+        let database = match database_url {
+            Some(url) => format!("database_url = {}", toml::Value::String(url.to_owned())),
+            None => "# database_url = \"postgres://cpis@db.example.nhs.uk:5432/cpis\"".to_owned(),
+        };
         let p = d.policy;
         format!(
             "# CP-IS Edge sync server configuration. Every setting is optional; the values\n\
@@ -317,6 +351,14 @@ impl Config {
              \n\
              # Address to listen on (HTTPS only). CPIS_LISTEN\n\
              listen = \"{listen}\"\n\
+             # The PostgreSQL database every replica shares (each replica runs `serve` on its\n\
+             # own copy of this data dir); absent, SQLite in cpis.db here. CPIS_DATABASE_URL\n\
+             {database}\n\
+             # Connections each replica keeps to it at most, and seconds a request waits for one\n\
+             # before the database counts as unreachable (503). CPIS_DATABASE_MAX_CONNECTIONS,\n\
+             # CPIS_DATABASE_TIMEOUT_SECS\n\
+             database_max_connections = {dmc}\n\
+             database_timeout_secs = {dts}\n\
              # Prometheus /metrics (plain HTTP; per-council mailbox counts): keep it on loopback\n\
              # or a private monitoring network, never the public one. CPIS_METRICS_LISTEN\n\
              metrics_listen = \"{metrics}\"\n\
@@ -370,6 +412,8 @@ impl Config {
              confirm_per_device_per_minute = {cpm}\n\
              confirm_burst = {cb}\n",
             listen = d.listen,
+            dmc = d.database_max_connections,
+            dts = d.database_timeout_secs,
             metrics = d.metrics_listen,
             hrt = d.header_read_timeout_secs,
             rt = d.request_timeout_secs,

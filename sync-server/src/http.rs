@@ -47,6 +47,8 @@ pub struct App<S> {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub config: Config,
+    /// Whether the database has answered since the start (PostgreSQL may not yet).
+    pub database: Arc<crate::server::DatabaseState>,
 }
 
 /// The server's routes with their layers.
@@ -100,6 +102,7 @@ pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
         .fallback(ops::not_found)
         .layer(DefaultBodyLimit::max(64 * 1024))
         .layer(middleware::from_fn_with_state(app.clone(), deadline::<S>))
+        .layer(middleware::from_fn_with_state(app.clone(), ready::<S>))
         .layer(middleware::from_fn_with_state(shed, crate::shed::layer))
         .layer(middleware::from_fn_with_state(known, credentials::<S>));
     Router::new()
@@ -142,21 +145,38 @@ async fn credentials<S: Store>(
         req.extensions().get::<crate::tls::ClientIdentity>(),
         Some(crate::tls::ClientIdentity(Some(_)))
     );
-    let known = device || known.sessions.signed_in(req.headers(), app.clock.now()) || {
-        let bearer = crate::tokens::bearer(req.headers()).map(crate::tokens::hash);
-        match bearer {
-            None => false,
-            Some(hash) => {
-                let now = app.clock.now();
-                matches!(app.store.council_for_token(hash, now).await, Ok(Ok(_)))
-                    || matches!(app.store.trust_for_admin_token(hash, now).await, Ok(Ok(_)))
+    let known = device
+        || known
+            .sessions
+            .signed_in(&app.store, req.headers(), app.clock.now())
+            .await
+        || {
+            let bearer = crate::tokens::bearer(req.headers()).map(crate::tokens::hash);
+            match bearer {
+                None => false,
+                Some(hash) => {
+                    let now = app.clock.now();
+                    matches!(app.store.council_for_token(hash, now).await, Ok(Ok(_)))
+                        || matches!(app.store.trust_for_admin_token(hash, now).await, Ok(Ok(_)))
+                }
             }
-        }
-    };
+        };
     if known {
         req.extensions_mut().insert(Credentialed);
     }
     next.run(req).await
+}
+
+/// Answers `503 database_unavailable` until the database has answered since the start.
+async fn ready<S: Store>(State(app): State<Arc<App<S>>>, req: Request, next: Next) -> Response {
+    if app.database.is_ready() {
+        return next.run(req).await;
+    }
+    let problem = app
+        .database
+        .problem()
+        .unwrap_or_else(|| "the server is starting".to_owned());
+    ApiError::database_unavailable(&problem).into_response()
 }
 
 /// Ends a request not answered within `request_timeout_secs` with `408`: a client that

@@ -29,8 +29,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create a new data dir: SQLite database, Ed25519 feed signing key, private TLS CA with a
-    /// server certificate, device CA, and server.toml. Refuses an existing, non-empty dir.
+    /// Create a new data dir: Ed25519 feed signing key, private TLS CA with a server
+    /// certificate, device CA, server.toml, and the database: SQLite in the data dir, or with
+    /// --database the schema in an existing PostgreSQL database. Refuses an existing,
+    /// non-empty dir, and a database that already holds a schema.
+    ///
+    /// Several replicas on one PostgreSQL database: init once, then give every replica its own
+    /// copy of the data dir (`cp -a`) and run `serve` on each.
     Init {
         /// Directory to create (must not exist, or be empty).
         #[arg(long, value_name = "DIR")]
@@ -39,6 +44,10 @@ enum Command {
         /// Default: localhost and 127.0.0.1.
         #[arg(long = "hostname", value_name = "NAME")]
         hostnames: Vec<String>,
+        /// An existing, empty PostgreSQL database shared by every replica, recorded in
+        /// server.toml (CPIS_DATABASE_URL overrides it later).
+        #[arg(long, value_name = "postgres://USER@HOST:PORT/DB")]
+        database: Option<String>,
     },
     /// Serve HTTPS until SIGTERM or SIGINT (graceful shutdown).
     ///
@@ -382,7 +391,11 @@ fn main() -> ExitCode {
             let bad_input = e.downcast_ref::<BadInput>().is_some()
                 || matches!(
                     e.downcast_ref::<ServerError>(),
-                    Some(ServerError::DataDirExists(_) | ServerError::NotInitialised(_))
+                    Some(
+                        ServerError::DataDirExists(_)
+                            | ServerError::NotInitialised(_)
+                            | ServerError::Store(StoreError::Config(_) | StoreError::Conflict(_))
+                    )
                 );
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
@@ -394,12 +407,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init {
             data_dir,
             mut hostnames,
+            database,
         } => {
             if hostnames.is_empty() {
                 hostnames = vec!["localhost".into(), "127.0.0.1".into()];
             }
-            server::init(&data_dir, &hostnames)?;
+            server::init_with(&data_dir, &hostnames, database.as_deref()).await?;
             println!("initialised {}", data_dir.display());
+            match &database {
+                Some(url) => println!(
+                    "  database: {} (PostgreSQL; every replica serves a copy of this data dir)",
+                    cpis_sync_server::store::postgres::redact_url(url)
+                ),
+                None => println!(
+                    "  database: {} (SQLite)",
+                    data_dir.join("cpis.db").display()
+                ),
+            }
             println!(
                 "  TLS CA certificate (give it to clients): {}",
                 cpis_sync_server::pki::Pki::ca_cert_path(&data_dir).display()
@@ -466,7 +490,7 @@ async fn serve(
 }
 
 async fn admin(data_dir: &Path, config: Option<&Path>, command: Admin) -> anyhow::Result<()> {
-    let store = server::open_store(data_dir)?;
+    let store = server::open_store(data_dir, &load_config(data_dir, config)?)?;
     let now = Utc::now();
     match command {
         Admin::Trust(TrustCmd::Add { ods, name }) => {

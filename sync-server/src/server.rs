@@ -15,14 +15,15 @@ use crate::feed::Feed;
 use crate::http::{self, App};
 use crate::metrics::Metrics;
 use crate::pki::{Pki, PkiError};
-use crate::store::{LogRetention, SqliteStore, Store, StoreError};
+use crate::store::postgres::PoolOptions;
+use crate::store::{AnyStore, LogRetention, PostgresStore, SqliteStore, Store, StoreError};
 
 /// Why the server could not be set up or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{} already exists and is not empty; refusing to overwrite a data dir", .0.display())]
     DataDirExists(PathBuf),
-    #[error("{} is not an initialised data dir ({DATABASE_FILE} is missing); run `cpis-sync-server init` first", .0.display())]
+    #[error("{} is not an initialised data dir (no {DATABASE_FILE}, and server.toml names no database_url); run `cpis-sync-server init` first", .0.display())]
     NotInitialised(PathBuf),
     #[error("{action} {}: {source}", path.display())]
     Io {
@@ -121,44 +122,97 @@ impl ServeLock {
     }
 }
 
-/// Creates a data dir: keys and certificates, `server.toml` and the migrated database.
-/// Refuses a path that exists and is not empty.
+/// Creates a data dir on SQLite: keys and certificates, `server.toml` and the migrated
+/// database. Refuses a path that exists and is not empty.
 pub fn init(data_dir: &Path, hostnames: &[String]) -> Result<(), ServerError> {
-    let io = |action, path: &Path| {
-        let path = path.to_owned();
-        move |source| ServerError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    if data_dir.exists() {
-        let mut entries = std::fs::read_dir(data_dir).map_err(io("reading", data_dir))?;
-        if entries.next().is_some() {
-            return Err(ServerError::DataDirExists(data_dir.to_owned()));
-        }
-    }
-    std::fs::create_dir_all(data_dir).map_err(io("creating", data_dir))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("securing", data_dir))?;
-    }
-    Pki::create(data_dir, hostnames)?;
-    let config_path = data_dir.join(CONFIG_FILE);
-    std::fs::write(&config_path, Config::default_file()).map_err(io("writing", &config_path))?;
+    refuse_used_dir(data_dir)?;
+    create_dir(data_dir, hostnames, None)?;
     SqliteStore::open(&data_dir.join(DATABASE_FILE))?;
     Ok(())
 }
 
-/// Opens the database of an initialised data dir.
-pub fn open_store(data_dir: &Path) -> Result<SqliteStore, ServerError> {
+/// Creates a data dir; with `database` (a PostgreSQL URL) the schema is created in that
+/// existing database, which must answer and must not hold one already (each further replica
+/// copies this data dir instead). Nothing is written when either check fails, and the data
+/// dir is removed again when the schema cannot be created.
+pub async fn init_with(
+    data_dir: &Path,
+    hostnames: &[String],
+    database: Option<&str>,
+) -> Result<(), ServerError> {
+    let Some(url) = database else {
+        return init(data_dir, hostnames);
+    };
+    refuse_used_dir(data_dir)?;
+    let store = PostgresStore::new(url, PoolOptions::default())?;
+    store.refuse_initialised().await?;
+    create_dir(data_dir, hostnames, Some(url))?;
+    if let Err(e) = store.migrate().await {
+        let _ = std::fs::remove_dir_all(data_dir);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServerError {
+    let path = path.to_owned();
+    move |source| ServerError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+fn refuse_used_dir(data_dir: &Path) -> Result<(), ServerError> {
+    if data_dir.exists() {
+        let mut entries = std::fs::read_dir(data_dir).map_err(io_error("reading", data_dir))?;
+        if entries.next().is_some() {
+            return Err(ServerError::DataDirExists(data_dir.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// The data dir with its keys, certificates and `server.toml`.
+fn create_dir(
+    data_dir: &Path,
+    hostnames: &[String],
+    database: Option<&str>,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(data_dir).map_err(io_error("creating", data_dir))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_error("securing", data_dir))?;
+    }
+    Pki::create(data_dir, hostnames)?;
+    let config_path = data_dir.join(CONFIG_FILE);
+    std::fs::write(&config_path, Config::file_for(database))
+        .map_err(io_error("writing", &config_path))?;
+    Ok(())
+}
+
+/// The store of an initialised data dir, as its configuration names it: PostgreSQL when
+/// `database_url` is set (nothing is connected yet), else SQLite in the data dir.
+pub fn open_store(data_dir: &Path, config: &Config) -> Result<AnyStore, ServerError> {
+    if let Some(url) = &config.database_url {
+        if !data_dir.join(CONFIG_FILE).exists() {
+            return Err(ServerError::NotInitialised(data_dir.to_owned()));
+        }
+        return Ok(AnyStore::Postgres(PostgresStore::new(
+            url,
+            PoolOptions {
+                max_connections: config.database_max_connections,
+                wait: std::time::Duration::from_secs(config.database_timeout_secs.max(1)),
+            },
+        )?));
+    }
     let db = data_dir.join(DATABASE_FILE);
     if !db.exists() {
         return Err(ServerError::NotInitialised(data_dir.to_owned()));
     }
-    Ok(SqliteStore::open(&db)?)
+    Ok(AnyStore::Sqlite(SqliteStore::open(&db)?))
 }
 
 /// The running server.
@@ -172,9 +226,9 @@ pub struct ServerHandle {
     metrics_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), ServerError>>,
-    store: SqliteStore,
-    /// Held while the server runs (one `serve` per SQLite data dir).
-    _lock: ServeLock,
+    store: AnyStore,
+    /// Held while the server runs on SQLite (one `serve` per SQLite data dir).
+    _lock: Option<ServeLock>,
 }
 
 impl Server {
@@ -184,8 +238,11 @@ impl Server {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<ServerHandle, ServerError> {
-        let store = open_store(data_dir)?;
-        let lock = ServeLock::acquire(data_dir)?;
+        let store = open_store(data_dir, &config)?;
+        let lock = match store {
+            AnyStore::Sqlite(_) => Some(ServeLock::acquire(data_dir)?),
+            AnyStore::Postgres(_) => None,
+        };
         let pki = Arc::new(Pki::load(data_dir)?);
         let tls = pki.server_tls_config()?;
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -205,8 +262,20 @@ impl Server {
         if !metrics_addr.ip().is_loopback() {
             tracing::warn!(%metrics_addr, "/metrics is served beyond loopback: keep that network private");
         }
-        // The key chain, not the key file, decides which key signs (see `keys`).
-        let signing_key = crate::keys::current_key(data_dir, &store).await?;
+        // The key chain, not the key file, decides which key signs (see `keys`). SQLite
+        // answers at once; PostgreSQL may not be reachable yet: until it is, the key file's key
+        // is held but nothing is served (see `ready`).
+        let database = Arc::new(DatabaseState::default());
+        let signing_key = match &store {
+            AnyStore::Sqlite(_) => {
+                let key = crate::keys::current_key(data_dir, &store).await?;
+                database.set_ready();
+                key
+            }
+            AnyStore::Postgres(_) => {
+                crate::pki::read_signing_key(&data_dir.join(crate::pki::FEED_SIGNING_KEY_FILE))?
+            }
+        };
         let feed = Feed::new(
             signing_key,
             config.policy.policy(),
@@ -222,6 +291,7 @@ impl Server {
             clock,
             metrics: Arc::new(Metrics::new()),
             config,
+            database,
         });
         let router = http::router(app.clone());
         let metrics_router = http::metrics_router(app.clone());
@@ -247,6 +317,23 @@ impl Server {
                 .await
                 .map_err(ServerError::Serve)
         });
+        if !app.database.is_ready() {
+            // Most starts find the database answering: serve at once. Otherwise keep trying
+            // in the background while `/healthz` says why nothing is served.
+            match become_ready(&app).await {
+                Ok(()) => {}
+                Err(ServerError::Store(e @ StoreError::SchemaTooNew { .. })) => {
+                    return Err(ServerError::Store(e));
+                }
+                Err(e) => {
+                    let problem = format!("database {}: {e}", database_shown(&app.store));
+                    tracing::error!("{problem}; nothing is served until it answers; retrying");
+                    app.database.set_problem(problem);
+                    let token = shutdown.clone();
+                    tasks.spawn(connect(app.clone(), token));
+                }
+            }
+        }
         let token = shutdown.clone();
         tasks.spawn(maintenance(app, token));
         tracing::info!(%local_addr, "cpis-sync-server started");
@@ -261,13 +348,103 @@ impl Server {
     }
 }
 
+/// Whether the database has answered since the start, and what is wrong while it has not.
+#[derive(Debug, Default)]
+pub struct DatabaseState {
+    ready: std::sync::atomic::AtomicBool,
+    problem: std::sync::Mutex<Option<String>>,
+}
+
+impl DatabaseState {
+    /// True once the schema is up to date and the key chain read: the server may serve.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        if let Ok(mut p) = self.problem.lock() {
+            *p = None;
+        }
+    }
+
+    fn set_problem(&self, problem: String) {
+        if let Ok(mut p) = self.problem.lock() {
+            *p = Some(problem);
+        }
+    }
+
+    /// Why the server is not ready yet (`None` when it is, or has not tried).
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().ok().and_then(|p| p.clone())
+    }
+}
+
+/// Waits for PostgreSQL with backoff (0.5 s doubling to 30 s, for as long as it takes), then
+/// brings the schema up to date, reads the key chain and lets the server serve.
+async fn connect(app: Arc<App<AnyStore>>, shutdown: CancellationToken) -> Result<(), ServerError> {
+    use backon::BackoffBuilder as _;
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(500))
+        .with_max_delay(std::time::Duration::from_secs(30))
+        .without_max_times()
+        .with_jitter()
+        .build();
+    let shown = database_shown(&app.store);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delays.next().unwrap_or(std::time::Duration::from_secs(30))) => {}
+        }
+        match become_ready(&app).await {
+            Ok(()) => {
+                tracing::info!(database = %shown, "database reached; serving");
+                return Ok(());
+            }
+            Err(ServerError::Store(e @ StoreError::SchemaTooNew { .. })) => {
+                return Err(ServerError::Store(e));
+            }
+            Err(e) => {
+                let problem = format!("database {shown}: {e}");
+                tracing::error!("{problem}; nothing is served until it answers; retrying");
+                app.database.set_problem(problem);
+            }
+        }
+    }
+}
+
+/// Brings the schema up to date, reads the key chain and marks the server ready.
+async fn become_ready(app: &App<AnyStore>) -> Result<(), ServerError> {
+    if let AnyStore::Postgres(pg) = &app.store {
+        pg.migrate().await?;
+    }
+    let key = crate::keys::current_key(&app.data_dir, &app.store).await?;
+    app.feed.set_key(key);
+    app.database.set_ready();
+    Ok(())
+}
+
+/// The database, for messages (a PostgreSQL URL without its password, or the SQLite file).
+fn database_shown(store: &AnyStore) -> String {
+    match store {
+        AnyStore::Postgres(pg) => pg.shown_url().to_owned(),
+        AnyStore::Sqlite(s) => s.path().display().to_string(),
+    }
+}
+
 /// Runs retention purge and change-log pruning now and then every interval.
 async fn maintenance(
-    app: Arc<App<SqliteStore>>,
+    app: Arc<App<AnyStore>>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let interval = std::time::Duration::from_secs(app.config.maintenance_interval_secs.max(1));
     loop {
+        if !app.database.is_ready() {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(std::time::Duration::from_millis(500)) => continue,
+            }
+        }
         if let Err(e) = maintain(&app).await {
             tracing::error!(error = %e, "maintenance failed; will retry");
         }
@@ -294,6 +471,7 @@ pub async fn maintain<S: Store>(app: &App<S>) -> Result<(), StoreError> {
         .await?;
     // Contacts of subjects no council flags any more serve no one: drop them.
     let contacts = app.store.purge_orphan_contacts().await?;
+    app.store.purge_page_sessions(now).await?;
     if purged > 0 || pruned > 0 || contacts > 0 {
         tracing::info!(purged, pruned, contacts, "maintenance");
     }
@@ -312,7 +490,7 @@ impl ServerHandle {
     }
 
     /// The server's store (tests and tools).
-    pub fn store(&self) -> &SqliteStore {
+    pub fn store(&self) -> &AnyStore {
         &self.store
     }
 

@@ -17,8 +17,13 @@ use cpis_protocol::{
 };
 use uuid::Uuid;
 
+mod any;
+pub(crate) mod codec;
+pub mod postgres;
 pub mod sqlite;
 
+pub use any::AnyStore;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Why a store operation failed.
@@ -39,6 +44,13 @@ pub enum StoreError {
     /// The database refused or failed an operation (the backend's own message).
     #[error("database error: {0}")]
     Database(String),
+    /// The database cannot be reached now (connection refused or lost, pool exhausted, the
+    /// server shutting down, a deadlock broken): answered 503, worth retrying.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database settings are not usable (e.g. a malformed URL).
+    #[error("{0}")]
+    Config(String),
     #[error("the store's writer has stopped")]
     WriterStopped,
     #[error("store task failed: {0}")]
@@ -371,7 +383,39 @@ pub struct UploadAttempt {
     pub outcome: AttemptOutcome,
 }
 
-/// The server's storage. Implemented by [`SqliteStore`]; a PostgreSQL backend follows.
+/// Which pages a session signs in to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    /// The council inbox pages (`who`: the council code).
+    Council,
+    /// The trust fleet pages (`who`: the trust code).
+    Fleet,
+}
+
+impl SessionKind {
+    /// The name stored with the session.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionKind::Council => "council",
+            SessionKind::Fleet => "fleet",
+        }
+    }
+}
+
+/// A page session as stored, under the SHA-256 of its cookie value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageSession {
+    /// Who signed in (a council or trust code).
+    pub who: String,
+    /// Every POST of the session carries it.
+    pub csrf: String,
+    pub expires_at: DateTime<Utc>,
+    /// A message for the session's next page, shown once.
+    pub flash: Option<String>,
+}
+
+/// The server's storage: [`SqliteStore`] (one server, a file in the data dir) or
+/// [`PostgresStore`] (any number of replicas on one database); [`AnyStore`] is either.
 pub trait Store: Send + Sync + 'static {
     /// Adds a trust. `Conflict` if the code exists.
     fn add_trust(
@@ -694,4 +738,43 @@ pub trait Store: Send + Sync + 'static {
         &self,
         trust: TrustCode,
     ) -> impl Future<Output = Result<Vec<FleetEntry>, StoreError>> + Send;
+
+    /// Starts a page session (`id_hash`: the SHA-256 of its cookie value).
+    fn create_page_session(
+        &self,
+        id_hash: [u8; 32],
+        kind: SessionKind,
+        session: PageSession,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The live session of this kind with this id hash (`None` once expired or ended).
+    fn page_session(
+        &self,
+        id_hash: [u8; 32],
+        kind: SessionKind,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Option<PageSession>, StoreError>> + Send;
+
+    /// Sets (or, with `None`, takes) the message for the session's next page; returns the
+    /// message it replaces.
+    fn set_page_session_flash(
+        &self,
+        id_hash: [u8; 32],
+        flash: Option<String>,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Ends a session (on every replica: the row is gone).
+    fn end_page_session(
+        &self,
+        id_hash: [u8; 32],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes expired sessions; returns how many.
+    fn purge_page_sessions(
+        &self,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Answers when the database answers (`/healthz`).
+    fn check_database(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

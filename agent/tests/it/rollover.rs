@@ -75,7 +75,11 @@ async fn a_rolled_signing_key_is_followed_without_re_enrolling() {
 
     // Trust IT rolls the key over while the server runs: what `admin signing-key roll` does,
     // on its own connection to the server's database.
-    let admin_store = cpis_sync_server::server::open_store(&data_dir).unwrap();
+    let admin_store = cpis_sync_server::server::open_store(
+        &data_dir,
+        &cpis_sync_server::config::Config::load(&data_dir).unwrap(),
+    )
+    .unwrap();
     let rolled = cpis_sync_server::keys::roll(&data_dir, &admin_store, env.now())
         .await
         .unwrap();

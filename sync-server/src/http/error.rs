@@ -10,6 +10,9 @@ use cpis_protocol::api::{ErrorBody, codes};
 use crate::feed::FeedError;
 use crate::store::StoreError;
 
+/// The `Retry-After` of a `503 database_unavailable`, in seconds.
+pub(crate) const DATABASE_RETRY_SECS: u64 = 5;
+
 /// An error answer.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -94,6 +97,20 @@ impl ApiError {
         }
     }
 
+    /// `503 database_unavailable`: the database cannot be reached now; try again shortly.
+    pub fn database_unavailable(detail: &str) -> Self {
+        tracing::warn!(%detail, "database unavailable; answered 503");
+        Self {
+            retry_after: Some(Duration::from_secs(DATABASE_RETRY_SECS)),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::DATABASE_UNAVAILABLE,
+                "the server cannot reach its database just now; nothing was changed. Send the \
+                 request again after the Retry-After delay",
+            )
+        }
+    }
+
     pub fn internal(what: &str, error: &dyn std::error::Error) -> Self {
         tracing::error!(error = %error, "{what}");
         Self::new(
@@ -108,6 +125,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match &e {
             StoreError::Missing(what) => ApiError::not_found(format!("{what} does not exist")),
+            StoreError::Unavailable(detail) => ApiError::database_unavailable(detail),
             _ => ApiError::internal("storage failed", &e),
         }
     }

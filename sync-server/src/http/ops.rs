@@ -8,12 +8,20 @@ use axum::response::{IntoResponse, Response};
 
 use cpis_protocol::mailbox::OVERDUE_AFTER_DAYS;
 
-use super::{ApiError, App};
+use super::App;
 use crate::metrics::CouncilLabels;
 use crate::store::Store;
 
-/// `GET /healthz`: 200 when the database answers.
+/// `GET /healthz`: `200 ok` when the database answers; `503` saying why when it does not (a
+/// load balancer then sends requests to the other replicas).
 pub(crate) async fn healthz<S: Store>(State(app): State<Arc<App<S>>>) -> Response {
+    if !app.database.is_ready() {
+        let problem = app
+            .database
+            .problem()
+            .unwrap_or_else(|| "the server is starting".to_owned());
+        return unhealthy(&format!("not serving yet: {problem}"));
+    }
     match app.store.head_version().await {
         Ok(v) => {
             app.metrics
@@ -21,8 +29,20 @@ pub(crate) async fn healthz<S: Store>(State(app): State<Arc<App<S>>>) -> Respons
                 .set(i64::try_from(v).unwrap_or(i64::MAX));
             (StatusCode::OK, "ok\n").into_response()
         }
-        Err(e) => ApiError::internal("health check failed", &e).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check: the database does not answer");
+            unhealthy(&format!("database unreachable: {e}"))
+        }
     }
+}
+
+fn unhealthy(why: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::RETRY_AFTER, "5")],
+        format!("unavailable: {why}\n"),
+    )
+        .into_response()
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text.

@@ -6,7 +6,7 @@
 //! `Cache-Control: no-store` (the pages hold personal data). Every POST is refused when it
 //! comes from another site (`Sec-Fetch-Site` cross-site/same-site, or an `Origin` that is not
 //! this host) or lacks the session's CSRF token (sign-in: the double-submit cookie's).
-//! Sessions live in memory ([`session`]).
+//! Sessions live in the store, shared by every replica ([`session`]).
 
 // Handlers answer `Result<Response, Response>`: the error is the page to show, built once.
 #![allow(clippy::result_large_err)]
@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use cpis_protocol::{CouncilCode, TrustCode};
 
 use super::App;
-use crate::store::Store;
+use crate::store::{SessionKind, Store};
 use html::{Notice, esc, layout};
 use session::{Session, Sessions};
 
@@ -38,7 +38,7 @@ pub(crate) const CSP: &str = "default-src 'none'; style-src 'self' 'unsafe-inlin
                               frame-ancestors 'none'; base-uri 'none'";
 
 /// A council signed in to its inbox.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct CouncilUser {
     pub(crate) code: CouncilCode,
     pub(crate) name: String,
@@ -47,7 +47,7 @@ pub(crate) struct CouncilUser {
 }
 
 /// A trust administrator signed in to the fleet page.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct TrustUser {
     pub(crate) code: TrustCode,
     pub(crate) name: String,
@@ -73,20 +73,26 @@ pub(crate) struct PageSessions {
 impl PageSessions {
     pub(crate) fn new() -> Self {
         Self {
-            councils: Sessions::new(session::MAX_SESSIONS),
-            fleet: Sessions::new(session::MAX_SESSIONS),
+            councils: Sessions::new(SessionKind::Council),
+            fleet: Sessions::new(SessionKind::Fleet),
         }
     }
 
     /// Whether the request carries the cookie of a live session of either kind (its token
-    /// is checked again by the page itself).
-    pub(crate) fn signed_in(
+    /// is checked again by the page itself). A store that cannot answer counts as no.
+    pub(crate) async fn signed_in<S: Store>(
         &self,
+        store: &S,
         headers: &HeaderMap,
         now: chrono::DateTime<chrono::Utc>,
     ) -> bool {
-        current(&self.councils, headers, council::SESSION_COOKIE, now).is_some()
-            || current(&self.fleet, headers, fleet::SESSION_COOKIE, now).is_some()
+        matches!(
+            current(store, &self.councils, headers, council::SESSION_COOKIE, now).await,
+            Ok(Some(_))
+        ) || matches!(
+            current(store, &self.fleet, headers, fleet::SESSION_COOKIE, now).await,
+            Ok(Some(_))
+        )
     }
 }
 
@@ -174,8 +180,18 @@ pub(crate) fn error_page(status: StatusCode, title: &str, message: &str, back: &
     )
 }
 
-/// The store failed: 500 (or 503 while the writer is stopped), without internals.
+/// The store failed: 500 (503 while the database cannot be reached), without internals.
 pub(crate) fn store_failed(e: &crate::store::StoreError, back: &str) -> Response {
+    if let crate::store::StoreError::Unavailable(detail) = e {
+        tracing::warn!(%detail, "page: the database is unavailable");
+        return error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service briefly unavailable",
+            "The server cannot reach its database just now. Nothing was changed. Try again in \
+             a minute; if it keeps happening, tell the service desk.",
+            back,
+        );
+    }
     tracing::error!(error = %e, "page: store operation failed");
     error_page(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -208,15 +224,17 @@ pub(crate) fn set_cookie(name: &str, value: &str, path: &str, max_age_secs: i64)
 }
 
 /// The session named by the cookie, if it is live.
-pub(crate) fn current<T: Clone>(
+pub(crate) async fn current<S: Store, T: serde::Serialize + serde::de::DeserializeOwned>(
+    store: &S,
     sessions: &Sessions<T>,
     headers: &HeaderMap,
     cookie_name: &str,
     now: chrono::DateTime<chrono::Utc>,
-) -> Option<(String, Session<T>)> {
-    let id = cookie(headers, cookie_name)?;
-    let session = sessions.get(&id, now)?;
-    Some((id, session))
+) -> Result<Option<(String, Session<T>)>, crate::store::StoreError> {
+    let Some(id) = cookie(headers, cookie_name) else {
+        return Ok(None);
+    };
+    Ok(sessions.get(store, &id, now).await?.map(|s| (id, s)))
 }
 
 // ---- cross-site checks ---------------------------------------------------------------------

@@ -19,12 +19,14 @@ use subtle::ConstantTimeEq as _;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::codec::{OP_CONTACTS, OP_REMOVE, OP_UPSERT, date_text, ts};
 use super::{
     AuditEntry, DeviceRecord, EnrolmentTokenInfo, EventId, EventIngest, FleetEntry, IngestOutcome,
     KeyRolloverRecord, LogRetention, MailboxStats, NationalLookup, NewDevice, NewEnrolmentToken,
     RefusedUpload, RegionChanges, RegionHead, RegionRecord, RegionSnapshot, Store, StoreError,
     StoredEvent, TokenRefusal, TrustRecord, UploadAttempt, UploadOutcome,
 };
+use super::{PageSession, SessionKind};
 use crate::reconcile;
 use cpis_protocol::mailbox::{Notification, NotificationId};
 use cpis_protocol::{RecentContact, SubjectContacts};
@@ -99,6 +101,7 @@ CREATE TABLE devices (
     lifecycle::MIGRATION,
     pages::MIGRATION,
     credentials::MIGRATION,
+    pages::SESSIONS_MIGRATION,
 ];
 
 /// Where the owners of council and trust admin tokens live: (table, key column, what).
@@ -332,10 +335,6 @@ fn opt_date(row: &Row<'_>, idx: usize) -> Result<Option<NaiveDate>, rusqlite::Er
     s.map(|s| s.parse().map_err(|e| bad(idx, e))).transpose()
 }
 
-fn ts(t: DateTime<Utc>) -> i64 {
-    t.timestamp()
-}
-
 fn from_ts(idx: usize, secs: i64) -> Result<DateTime<Utc>, rusqlite::Error> {
     DateTime::from_timestamp(secs, 0)
         .ok_or_else(|| rusqlite::Error::IntegralValueOutOfRange(idx, secs))
@@ -350,13 +349,6 @@ fn nhs(row: &Row<'_>, idx: usize) -> Result<NhsNumber, rusqlite::Error> {
     let v: i64 = row.get(idx)?;
     NhsNumber::from_u64(v as u64).map_err(|e| bad(idx, e))
 }
-
-fn date_text(d: NaiveDate) -> String {
-    d.format("%Y-%m-%d").to_string()
-}
-
-/// The change-log op of a subject's recent-contacts change.
-const OP_CONTACTS: &str = "contacts";
 
 const FLAG_COLS: &str =
     "council, nhs_number, plan_type, start_date, end_date, date_of_birth, local_id";
@@ -549,7 +541,7 @@ fn record_changes(
                     f.council.as_str(),
                     f.nhs_number.as_u64() as i64,
                     f.plan_type.as_str(),
-                    "upsert",
+                    OP_UPSERT,
                     start,
                     end,
                     dob,
@@ -569,7 +561,7 @@ fn record_changes(
                     k.council.as_str(),
                     k.nhs_number.as_u64() as i64,
                     k.plan_type.as_str(),
-                    "remove",
+                    OP_REMOVE,
                     None::<String>,
                     None::<String>,
                     None::<String>,
@@ -596,7 +588,7 @@ fn change_from_row(row: &Row<'_>) -> Result<VersionedChange, rusqlite::Error> {
     let nhs_number = nhs(row, 2)?;
     let plan_type: PlanType = parse_col(row, 3)?;
     let op: String = row.get(4)?;
-    let change = if op == "remove" {
+    let change = if op == OP_REMOVE {
         Change::Remove(FlagKey {
             council,
             nhs_number,
@@ -1404,5 +1396,64 @@ impl Store for SqliteStore {
         trust: TrustCode,
     ) -> impl Future<Output = Result<Vec<FleetEntry>, StoreError>> + Send {
         self.read(move |c| lifecycle::fleet(c, Some(&trust)))
+    }
+
+    fn create_page_session(
+        &self,
+        id_hash: [u8; 32],
+        kind: SessionKind,
+        session: PageSession,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(move |c| pages::create_session(c, &id_hash, kind, &session))
+    }
+
+    fn page_session(
+        &self,
+        id_hash: [u8; 32],
+        kind: SessionKind,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Option<PageSession>, StoreError>> + Send {
+        self.read(move |c| pages::session(c, &id_hash, kind, now))
+    }
+
+    fn set_page_session_flash(
+        &self,
+        id_hash: [u8; 32],
+        flash: Option<String>,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send {
+        self.write(move |c| pages::set_flash(c, &id_hash, flash))
+    }
+
+    fn end_page_session(
+        &self,
+        id_hash: [u8; 32],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM page_sessions WHERE id_hash = ?1",
+                [&id_hash[..]],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn purge_page_sessions(
+        &self,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.write(move |c| {
+            let n = c.execute(
+                "DELETE FROM page_sessions WHERE expires_at <= ?1",
+                [ts(now)],
+            )?;
+            Ok(n as u64)
+        })
+    }
+
+    fn check_database(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.read(|c| {
+            c.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
     }
 }

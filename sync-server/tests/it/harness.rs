@@ -64,6 +64,34 @@ pub fn csv(rows: &[(u32, &str, &str, &str)]) -> String {
     s
 }
 
+/// The PostgreSQL cluster the conformance run uses (`CPIS_TEST_DATABASE`, an admin URL set by
+/// `scripts/test`); unset: every test runs on SQLite.
+pub fn test_database() -> Option<String> {
+    std::env::var("CPIS_TEST_DATABASE")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+}
+
+/// An initialised data dir: on a new database of the `CPIS_TEST_DATABASE` cluster when it is
+/// set, else on SQLite.
+pub async fn init_dir() -> TempDir {
+    let dir = TempDir::new().unwrap();
+    let hostnames = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+    match test_database() {
+        Some(admin) => {
+            let name = format!("cpis_t_{}", uuid::Uuid::now_v7().simple());
+            let url = cpis_sync_server::store::postgres::create_database(&admin, &name)
+                .await
+                .unwrap();
+            server::init_with(dir.path(), &hostnames, Some(&url))
+                .await
+                .unwrap();
+        }
+        None => server::init(dir.path(), &hostnames).unwrap(),
+    }
+    dir
+}
+
 pub struct Env {
     pub dir: TempDir,
     pub handle: Option<ServerHandle>,
@@ -83,15 +111,13 @@ impl Env {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Env {
-        let dir = TempDir::new().unwrap();
-        server::init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let dir = init_dir().await;
         Self::serve(dir, tweak).await
     }
 
     /// A server whose manual clock starts at `now`.
     pub async fn start_at(now: DateTime<Utc>) -> Env {
-        let dir = TempDir::new().unwrap();
-        server::init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let dir = init_dir().await;
         Self::serve_at(dir, now, |_| {}).await
     }
 
@@ -106,9 +132,12 @@ impl Env {
         now: DateTime<Utc>,
         tweak: impl FnOnce(&mut Config),
     ) -> Env {
+        // The data dir's database (SQLite, or the PostgreSQL database `init_dir` made).
+        let database_url = Config::load(dir.path()).unwrap().database_url;
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            database_url,
             ..Config::default()
         };
         tweak(&mut config);
@@ -128,7 +157,7 @@ impl Env {
         }
     }
 
-    pub fn store(&self) -> &cpis_sync_server::store::SqliteStore {
+    pub fn store(&self) -> &cpis_sync_server::store::AnyStore {
         self.handle.as_ref().unwrap().store()
     }
 

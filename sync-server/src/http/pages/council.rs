@@ -63,11 +63,14 @@ async fn signed_in_with_id<S: Store>(
     headers: &HeaderMap,
 ) -> Result<(String, Session<CouncilUser>), Response> {
     let (id, session) = current(
+        &pages.app.store,
         &pages.sessions.councils,
         headers,
         SIGN_IN.cookie,
         now(pages),
     )
+    .await
+    .map_err(|e| store_failed(&e, SIGN_IN.base))?
     .ok_or_else(|| see_other(SIGN_IN.base, &[]))?;
     let still = pages
         .app
@@ -77,7 +80,12 @@ async fn signed_in_with_id<S: Store>(
         .map_err(|e| store_failed(&e, SIGN_IN.base))?;
     if still.as_ref().ok() != Some(&session.who.code) {
         tracing::info!(who = %session.who.code, "page session ended: its token was revoked or expired");
-        pages.sessions.councils.remove(&id);
+        pages
+            .sessions
+            .councils
+            .remove(&pages.app.store, &id)
+            .await
+            .map_err(|e| store_failed(&e, SIGN_IN.base))?;
         return Err(see_other(SIGN_IN.base, &[]));
     }
     Ok((id, session))
@@ -136,14 +144,20 @@ pub(crate) async fn sign_in<S: Store>(
         .find(|c| c.code == code)
         .map_or_else(|| code.to_string(), |c| c.name);
     tracing::info!(council = %code, "council signed in to the inbox page");
-    let (id, _) = pages.sessions.councils.create(
-        CouncilUser {
-            code,
-            name,
-            token: hash,
-        },
-        now(&pages),
-    );
+    let (id, _) = pages
+        .sessions
+        .councils
+        .create(
+            &pages.app.store,
+            CouncilUser {
+                code,
+                name,
+                token: hash,
+            },
+            now(&pages),
+        )
+        .await
+        .map_err(|e| store_failed(&e, SIGN_IN.base))?;
     Ok(SIGN_IN.signed_in(&id, "/council/inbox"))
 }
 
@@ -155,16 +169,25 @@ pub(crate) async fn sign_out<S: Store>(
     body: Result<Form<Fields>, FormRejection>,
 ) -> PageResult {
     let Some((id, session)) = current(
+        &pages.app.store,
         &pages.sessions.councils,
         &headers,
         SIGN_IN.cookie,
         now(&pages),
-    ) else {
+    )
+    .await
+    .map_err(|e| store_failed(&e, SIGN_IN.base))?
+    else {
         return Ok(SIGN_IN.signed_out());
     };
     let fields = form(body, "/council/inbox")?;
     check_post(&headers, &uri, &fields, &session.csrf, "/council/inbox")?;
-    pages.sessions.councils.remove(&id);
+    pages
+        .sessions
+        .councils
+        .remove(&pages.app.store, &id)
+        .await
+        .map_err(|e| store_failed(&e, SIGN_IN.base))?;
     Ok(SIGN_IN.signed_out())
 }
 
@@ -468,7 +491,16 @@ pub(crate) async fn inbox<S: Store>(
     let fields = query.map(|Query(q)| q).unwrap_or_default();
     match Filter::parse(&fields) {
         Ok(filter) => {
-            let notice = pages.sessions.councils.take_flash(&id).map(Notice::Done);
+            let notice = pages
+                .sessions
+                .councils
+                .take_flash(&pages.app.store, &id)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "the message for this page could not be read");
+                    None
+                })
+                .map(Notice::Done);
             inbox_page(&pages, &session, &filter, StatusCode::OK, notice, true).await
         }
         Err((filter, message)) => {
@@ -555,13 +587,21 @@ pub(crate) async fn ack<S: Store>(
     };
     app.metrics.notifications_acknowledged.inc_by(acknowledged);
     tracing::info!(council = %session.who.code, acknowledged, "notifications acknowledged on the inbox page");
-    pages.sessions.councils.set_flash(
-        &session_id,
-        format!(
-            "{acknowledged} notice{} acknowledged.",
-            if acknowledged == 1 { "" } else { "s" }
-        ),
-    );
+    if let Err(e) = pages
+        .sessions
+        .councils
+        .set_flash(
+            &pages.app.store,
+            &session_id,
+            format!(
+                "{acknowledged} notice{} acknowledged.",
+                if acknowledged == 1 { "" } else { "s" }
+            ),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "the message for the next page could not be saved");
+    }
     // Back to the inbox, with the dates it was filtered by.
     let back = if filter.from_text.is_empty() && filter.to_text.is_empty() {
         "/council/inbox".to_owned()

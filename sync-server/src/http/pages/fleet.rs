@@ -59,8 +59,16 @@ async fn signed_in_with_id<S: Store>(
     pages: &Pages<S>,
     headers: &HeaderMap,
 ) -> Result<(String, Session<TrustUser>), Response> {
-    let (id, session) = current(&pages.sessions.fleet, headers, SIGN_IN.cookie, now(pages))
-        .ok_or_else(|| see_other(SIGN_IN.base, &[]))?;
+    let (id, session) = current(
+        &pages.app.store,
+        &pages.sessions.fleet,
+        headers,
+        SIGN_IN.cookie,
+        now(pages),
+    )
+    .await
+    .map_err(|e| store_failed(&e, SIGN_IN.base))?
+    .ok_or_else(|| see_other(SIGN_IN.base, &[]))?;
     let still = pages
         .app
         .store
@@ -69,7 +77,12 @@ async fn signed_in_with_id<S: Store>(
         .map_err(|e| store_failed(&e, SIGN_IN.base))?;
     if still.as_ref().ok() != Some(&session.who.code) {
         tracing::info!(who = %session.who.code, "page session ended: its token was revoked or expired");
-        pages.sessions.fleet.remove(&id);
+        pages
+            .sessions
+            .fleet
+            .remove(&pages.app.store, &id)
+            .await
+            .map_err(|e| store_failed(&e, SIGN_IN.base))?;
         return Err(see_other(SIGN_IN.base, &[]));
     }
     Ok((id, session))
@@ -122,14 +135,20 @@ pub(crate) async fn sign_in<S: Store>(
         .find(|t| t.code == code)
         .map_or_else(|| code.to_string(), |t| t.name);
     tracing::info!(trust = %code, "trust admin signed in to the fleet page");
-    let (id, _) = pages.sessions.fleet.create(
-        TrustUser {
-            code,
-            name,
-            token: hash,
-        },
-        now(&pages),
-    );
+    let (id, _) = pages
+        .sessions
+        .fleet
+        .create(
+            &pages.app.store,
+            TrustUser {
+                code,
+                name,
+                token: hash,
+            },
+            now(&pages),
+        )
+        .await
+        .map_err(|e| store_failed(&e, SIGN_IN.base))?;
     Ok(SIGN_IN.signed_in(&id, "/fleet/devices"))
 }
 
@@ -140,13 +159,26 @@ pub(crate) async fn sign_out<S: Store>(
     uri: Uri,
     body: Result<Form<Fields>, FormRejection>,
 ) -> PageResult {
-    let Some((id, session)) = current(&pages.sessions.fleet, &headers, SIGN_IN.cookie, now(&pages))
+    let Some((id, session)) = current(
+        &pages.app.store,
+        &pages.sessions.fleet,
+        &headers,
+        SIGN_IN.cookie,
+        now(&pages),
+    )
+    .await
+    .map_err(|e| store_failed(&e, SIGN_IN.base))?
     else {
         return Ok(SIGN_IN.signed_out());
     };
     let fields = form(body, "/fleet/devices")?;
     check_post(&headers, &uri, &fields, &session.csrf, "/fleet/devices")?;
-    pages.sessions.fleet.remove(&id);
+    pages
+        .sessions
+        .fleet
+        .remove(&pages.app.store, &id)
+        .await
+        .map_err(|e| store_failed(&e, SIGN_IN.base))?;
     Ok(SIGN_IN.signed_out())
 }
 
@@ -238,7 +270,12 @@ pub(crate) async fn devices<S: Store>(
     let notice = pages
         .sessions
         .fleet
-        .take_flash(&session_id)
+        .take_flash(&pages.app.store, &session_id)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the message for this page could not be read");
+            None
+        })
         .map(Notice::Done);
     let mut body = format!(
         "<p>Tablets of {} only. Stalest data first. Data age is the server's time now minus the \
@@ -420,12 +457,17 @@ pub(crate) async fn revoke<S: Store>(
         device = %device.id, trust = %session.who.code, changed,
         "device revoked from the fleet page"
     );
-    pages.sessions.fleet.set_flash(
+    if let Err(e) = pages.sessions.fleet.set_flash(
+        &pages.app.store,
         &session_id,
         format!(
             "{} was revoked. It is refused from now on and erases its data at its next contact.",
             device_label(&device)
         ),
-    );
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "the message for the next page could not be saved");
+    }
     Ok(see_other("/fleet/devices", &[]))
 }

@@ -1,20 +1,23 @@
-//! Page sessions, kept in memory: a random id in an HttpOnly cookie maps to who signed in,
-//! the session's CSRF token and its expiry (8 hours after sign-in). Bounded: when full, the
-//! expired sessions go, then the ones closest to expiry. A restart signs everyone out.
+//! Page sessions, kept in the store so that every server replica sees a sign-in and a
+//! sign-out: a random id in an HttpOnly cookie maps to who signed in, the session's CSRF token
+//! and its expiry (8 hours after sign-in). The store keeps only the SHA-256 of the id, so a
+//! copy of the database holds no live session; maintenance deletes expired sessions.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::marker::PhantomData;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Duration, Utc};
 use rand::RngCore as _;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
+
+use crate::store::{PageSession, SessionKind, Store, StoreError};
 
 /// How long a session lasts after sign-in.
 pub(crate) const SESSION_HOURS: i64 = 8;
-/// Most sessions held at once (per kind: council, fleet).
-pub(crate) const MAX_SESSIONS: usize = 10_000;
 
 /// A new random value (256 bits, base64url): session ids and CSRF tokens.
 pub(crate) fn random_token() -> String {
@@ -35,104 +38,98 @@ pub(crate) struct Session<T> {
     /// Every POST of the session carries it in the `csrf` field.
     pub(crate) csrf: String,
     pub(crate) expires_at: DateTime<Utc>,
-    /// A message for the next page shown (e.g. "2 notices acknowledged"), shown once.
-    pub(crate) flash: Option<String>,
 }
 
-/// The sessions of one kind.
+/// The sessions of one kind, in the store.
 #[derive(Debug)]
 pub(crate) struct Sessions<T> {
-    map: Mutex<HashMap<String, Session<T>>>,
-    max: usize,
+    kind: SessionKind,
+    who: PhantomData<fn() -> T>,
 }
 
-impl<T: Clone> Sessions<T> {
-    pub(crate) fn new(max: usize) -> Self {
+/// The key a session is stored under: the SHA-256 of its cookie value.
+fn key(id: &str) -> [u8; 32] {
+    Sha256::digest(id.as_bytes()).into()
+}
+
+impl<T: Serialize + DeserializeOwned> Sessions<T> {
+    pub(crate) fn new(kind: SessionKind) -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
-            max: max.max(1),
+            kind,
+            who: PhantomData,
         }
     }
 
     /// Starts a session; returns its id (the cookie's value) and the session.
-    pub(crate) fn create(&self, who: T, now: DateTime<Utc>) -> (String, Session<T>) {
+    pub(crate) async fn create<S: Store>(
+        &self,
+        store: &S,
+        who: T,
+        now: DateTime<Utc>,
+    ) -> Result<(String, Session<T>), StoreError> {
         let id = random_token();
         let session = Session {
             who,
             csrf: random_token(),
             expires_at: now + Duration::hours(SESSION_HOURS),
+        };
+        let stored = PageSession {
+            who: serde_json::to_string(&session.who)
+                .map_err(|e| StoreError::Task(e.to_string()))?,
+            csrf: session.csrf.clone(),
+            expires_at: session.expires_at,
             flash: None,
         };
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if map.len() >= self.max {
-            map.retain(|_, s| s.expires_at > now);
-        }
-        while map.len() >= self.max {
-            let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, s)| s.expires_at)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            map.remove(&oldest);
-        }
-        map.insert(id.clone(), session.clone());
-        (id, session)
+        store
+            .create_page_session(key(&id), self.kind, stored)
+            .await?;
+        Ok((id, session))
     }
 
-    /// The live session with this id; an expired one is dropped.
-    pub(crate) fn get(&self, id: &str, now: DateTime<Utc>) -> Option<Session<T>> {
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match map.get(id) {
-            Some(s) if s.expires_at > now => Some(s.clone()),
-            Some(_) => {
-                map.remove(id);
-                None
-            }
-            None => None,
-        }
+    /// The live session with this id.
+    pub(crate) async fn get<S: Store>(
+        &self,
+        store: &S,
+        id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Session<T>>, StoreError> {
+        let Some(stored) = store.page_session(key(id), self.kind, now).await? else {
+            return Ok(None);
+        };
+        let who = serde_json::from_str(&stored.who).map_err(|e| StoreError::Corrupt {
+            table: "page_sessions",
+            detail: e.to_string(),
+        })?;
+        Ok(Some(Session {
+            who,
+            csrf: stored.csrf,
+            expires_at: stored.expires_at,
+        }))
     }
 
     /// Leaves a message for the session's next page.
-    pub(crate) fn set_flash(&self, id: &str, message: String) {
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(s) = map.get_mut(id) {
-            s.flash = Some(message);
-        }
+    pub(crate) async fn set_flash<S: Store>(
+        &self,
+        store: &S,
+        id: &str,
+        message: String,
+    ) -> Result<(), StoreError> {
+        store.set_page_session_flash(key(id), Some(message)).await?;
+        Ok(())
     }
 
     /// Takes the message left for this page, if any.
-    pub(crate) fn take_flash(&self, id: &str) -> Option<String> {
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get_mut(id).and_then(|s| s.flash.take())
+    pub(crate) async fn take_flash<S: Store>(
+        &self,
+        store: &S,
+        id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        store.set_page_session_flash(key(id), None).await
     }
 
-    /// Ends a session.
-    pub(crate) fn remove(&self, id: &str) {
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.remove(id);
-    }
-
-    /// Sessions held (tests).
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    /// Ends a session, on every replica.
+    pub(crate) async fn remove<S: Store>(&self, store: &S, id: &str) -> Result<(), StoreError> {
+        store.end_page_session(key(id)).await
     }
 }
 
@@ -140,37 +137,50 @@ impl<T: Clone> Sessions<T> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::store::SqliteStore;
 
     fn t0() -> DateTime<Utc> {
         "2025-06-01T12:00:00Z".parse().unwrap()
     }
 
-    #[test]
-    fn sessions_expire_after_eight_hours_and_end_on_sign_out() {
-        let s = Sessions::new(10);
-        let (id, session) = s.create("A", t0());
+    #[tokio::test]
+    async fn sessions_expire_after_eight_hours_and_end_on_sign_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("cpis.db")).unwrap();
+        let s: Sessions<String> = Sessions::new(SessionKind::Council);
+        let (id, session) = s.create(&store, "A".into(), t0()).await.unwrap();
         assert_ne!(id, session.csrf);
-        assert_eq!(s.get(&id, t0() + Duration::hours(7)).unwrap().who, "A");
-        assert!(s.get(&id, t0() + Duration::hours(8)).is_none());
-        let (id, _) = s.create("B", t0());
-        s.set_flash(&id, "done".into());
-        assert_eq!(s.take_flash(&id).as_deref(), Some("done"));
-        assert_eq!(s.take_flash(&id), None, "shown once");
-        s.remove(&id);
-        assert!(s.get(&id, t0()).is_none());
-        assert!(s.get("made-up", t0()).is_none());
-    }
-
-    #[test]
-    fn the_map_stays_bounded_dropping_the_oldest() {
-        let s = Sessions::new(3);
-        let ids: Vec<String> = (0..5)
-            .map(|i| s.create(i, t0() + Duration::minutes(i)).0)
-            .collect();
-        assert_eq!(s.len(), 3);
-        assert!(s.get(&ids[0], t0()).is_none());
-        assert!(s.get(&ids[1], t0()).is_none());
-        assert_eq!(s.get(&ids[4], t0()).unwrap().who, 4);
+        let later = t0() + Duration::hours(7);
+        assert_eq!(s.get(&store, &id, later).await.unwrap().unwrap().who, "A");
+        assert!(
+            s.get(&store, &id, t0() + Duration::hours(8))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let fleet: Sessions<String> = Sessions::new(SessionKind::Fleet);
+        assert!(
+            fleet.get(&store, &id, t0()).await.unwrap().is_none(),
+            "a council session does not sign in to the fleet pages"
+        );
+        let (id, _) = s.create(&store, "B".into(), t0()).await.unwrap();
+        s.set_flash(&store, &id, "done".into()).await.unwrap();
+        assert_eq!(
+            s.take_flash(&store, &id).await.unwrap().as_deref(),
+            Some("done")
+        );
+        assert_eq!(s.take_flash(&store, &id).await.unwrap(), None, "shown once");
+        s.remove(&store, &id).await.unwrap();
+        assert!(s.get(&store, &id, t0()).await.unwrap().is_none());
+        assert!(s.get(&store, "made-up", t0()).await.unwrap().is_none());
+        assert_eq!(
+            store
+                .purge_page_sessions(t0() + Duration::hours(9))
+                .await
+                .unwrap(),
+            1,
+            "the expired first session is purged"
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use subtle::ConstantTimeEq as _;
 
-use super::{from_ts, parse_col, require, ts};
+use super::{from_ts, parse_col, require};
+use crate::store::codec::ts;
 use crate::store::{EnrolmentTokenInfo, StoreError, TokenRefusal, enrolment_token_id};
 
 /// Expiry and revocation of bearer credentials (migration 5).

@@ -14,8 +14,9 @@ use cpis_protocol::{
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::collections::BTreeMap;
 
-use super::{OP_CONTACTS, bad, head_version, nhs, opt_date, parse_col, set_head_version, ts};
+use super::{bad, head_version, nhs, opt_date, parse_col, set_head_version};
 use crate::ingest;
+use crate::store::codec::{self, OP_CONTACTS, ms, plan_types_text, setting_text, ts};
 use crate::store::{
     AuditEntry, EventIngest, IngestOutcome, MailboxStats, NationalLookup, StoreError, StoredEvent,
 };
@@ -55,47 +56,18 @@ CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 "#;
 
-fn ms(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
 fn from_ms(idx: usize, v: i64) -> Result<DateTime<Utc>, rusqlite::Error> {
     DateTime::from_timestamp_millis(v).ok_or(rusqlite::Error::IntegralValueOutOfRange(idx, v))
 }
 
-fn setting_text(s: CareSetting) -> &'static str {
-    match s {
-        CareSetting::Ambulance => "ambulance",
-        CareSetting::EmergencyDepartment => "emergency_department",
-        CareSetting::UrgentTreatmentCentre => "urgent_treatment_centre",
-        CareSetting::Other => "other",
-    }
-}
-
 fn setting_from(row: &Row<'_>, idx: usize) -> Result<CareSetting, rusqlite::Error> {
     let s: String = row.get(idx)?;
-    Ok(match s.as_str() {
-        "ambulance" => CareSetting::Ambulance,
-        "emergency_department" => CareSetting::EmergencyDepartment,
-        "urgent_treatment_centre" => CareSetting::UrgentTreatmentCentre,
-        _ => CareSetting::Other,
-    })
-}
-
-fn plan_types_text(types: &[PlanType]) -> String {
-    types
-        .iter()
-        .map(|p| p.as_str())
-        .collect::<Vec<_>>()
-        .join(",")
+    Ok(codec::setting_from(&s))
 }
 
 fn plan_types_from(row: &Row<'_>, idx: usize) -> Result<Vec<PlanType>, rusqlite::Error> {
     let s: String = row.get(idx)?;
-    s.split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| p.parse().map_err(|e| bad(idx, e)))
-        .collect()
+    codec::plan_types_from(&s).map_err(|e| bad(idx, e))
 }
 
 fn event_from(idx: usize, body: &str) -> Result<AccessEvent, rusqlite::Error> {

@@ -5,7 +5,8 @@ use chrono::{DateTime, Utc};
 use cpis_protocol::{DeviceId, DeviceReport, KeyRollover, PublicKey, SignedMessage, TrustCode};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{DEVICE_COLS, bad, device_from_row, read_device, ts};
+use super::{DEVICE_COLS, bad, device_from_row, read_device};
+use crate::store::codec::ts;
 use crate::store::{FleetEntry, KeyRolloverRecord, StoreError, StoredReport};
 
 /// Schema of device reports and key rollovers, and the clock-suspect mark on events

@@ -7,8 +7,12 @@ use cpis_protocol::CouncilCode;
 use cpis_protocol::api::{UploadCounts, UploadError};
 use rusqlite::{Connection, Row, params};
 
-use super::{bad, from_ts, require, ts};
-use crate::store::{AttemptOutcome, MAX_UPLOAD_ATTEMPTS, RefusedUpload, StoreError, UploadAttempt};
+use super::{bad, from_ts, require};
+use crate::store::codec::ts;
+use crate::store::{
+    AttemptOutcome, MAX_UPLOAD_ATTEMPTS, PageSession, RefusedUpload, SessionKind, StoreError,
+    UploadAttempt,
+};
 
 /// Schema of upload attempts and trust admin tokens (migration 4). Applied uploads already
 /// recorded are carried over (the newest [`MAX_UPLOAD_ATTEMPTS`] of each council).
@@ -138,6 +142,83 @@ pub(super) fn attempts(
         attempt_from_row,
     )?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Page sessions (migration 6), kept in the database so that every server replica sees a
+/// sign-in and a sign-out; keyed by the SHA-256 of the cookie's value.
+pub(super) const SESSIONS_MIGRATION: &str = r#"
+CREATE TABLE page_sessions (
+    id_hash BLOB PRIMARY KEY, kind TEXT NOT NULL, who TEXT NOT NULL, csrf TEXT NOT NULL,
+    expires_at INTEGER NOT NULL, flash TEXT
+) STRICT;
+CREATE INDEX page_sessions_expiry ON page_sessions(expires_at);
+"#;
+
+pub(super) fn create_session(
+    c: &Connection,
+    id_hash: &[u8; 32],
+    kind: SessionKind,
+    session: &PageSession,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO page_sessions (id_hash, kind, who, csrf, expires_at, flash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            &id_hash[..],
+            kind.as_str(),
+            session.who,
+            session.csrf,
+            ts(session.expires_at),
+            session.flash
+        ],
+    )?;
+    Ok(())
+}
+
+pub(super) fn session(
+    c: &Connection,
+    id_hash: &[u8; 32],
+    kind: SessionKind,
+    now: DateTime<Utc>,
+) -> Result<Option<PageSession>, StoreError> {
+    use rusqlite::OptionalExtension as _;
+    Ok(c.query_row(
+        "SELECT who, csrf, expires_at, flash FROM page_sessions \
+         WHERE id_hash = ?1 AND kind = ?2 AND expires_at > ?3",
+        params![&id_hash[..], kind.as_str(), ts(now)],
+        |r| {
+            Ok(PageSession {
+                who: r.get(0)?,
+                csrf: r.get(1)?,
+                expires_at: from_ts(2, r.get(2)?)?,
+                flash: r.get(3)?,
+            })
+        },
+    )
+    .optional()?)
+}
+
+pub(super) fn set_flash(
+    c: &Connection,
+    id_hash: &[u8; 32],
+    flash: Option<String>,
+) -> Result<Option<String>, StoreError> {
+    use rusqlite::OptionalExtension as _;
+    let before: Option<Option<String>> = c
+        .query_row(
+            "SELECT flash FROM page_sessions WHERE id_hash = ?1",
+            [&id_hash[..]],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(before) = before else {
+        return Ok(None);
+    };
+    c.execute(
+        "UPDATE page_sessions SET flash = ?2 WHERE id_hash = ?1",
+        params![&id_hash[..], flash],
+    )?;
+    Ok(before)
 }
 
 #[cfg(test)]
