@@ -65,7 +65,7 @@ async fn snapshot(env: &Env, d: &Device) -> (SnapshotMeta, SnapshotBody) {
     (meta, opened)
 }
 
-async fn delta(env: &Env, d: &Device, from: u64) -> reqwest::Response {
+pub(crate) async fn delta(env: &Env, d: &Device, from: u64) -> reqwest::Response {
     d.client
         .get(env.url(&format!("{}?from={from}", paths::DELTA)))
         .send()
@@ -73,7 +73,7 @@ async fn delta(env: &Env, d: &Device, from: u64) -> reqwest::Response {
         .unwrap()
 }
 
-async fn open_delta(d: &Device, r: reqwest::Response) -> (DeltaMeta, DeltaBody) {
+pub(crate) async fn open_delta(d: &Device, r: reqwest::Response) -> (DeltaMeta, DeltaBody) {
     assert_eq!(r.status(), 200);
     let key = d.enrolment.signing_public_key;
     let meta: DeltaMeta =

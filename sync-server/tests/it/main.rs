@@ -17,5 +17,6 @@ mod lifecycle;
 mod mailbox;
 mod packaging;
 mod pages;
+mod replicas;
 mod shed;
 mod uploads;

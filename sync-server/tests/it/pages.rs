@@ -30,7 +30,7 @@ pub(crate) struct Page {
 }
 
 impl Page {
-    fn location(&self) -> &str {
+    pub(crate) fn location(&self) -> &str {
         self.headers
             .get("location")
             .and_then(|v| v.to_str().ok())
@@ -45,7 +45,7 @@ impl Page {
     }
 
     /// The value of the hidden `csrf` field (the first form's).
-    fn csrf(&self) -> String {
+    pub(crate) fn csrf(&self) -> String {
         attr_after(&self.body, "name=\"csrf\" value=\"").expect("a csrf field")
     }
 
@@ -130,6 +130,11 @@ impl Browser {
         }
     }
 
+    /// Talks to another server from now on (another replica), keeping the cookies.
+    pub(crate) fn switch_to(&mut self, env: &Env) {
+        self.base = env.base.clone();
+    }
+
     fn cookie_header(&self) -> String {
         self.cookies
             .iter()
@@ -195,7 +200,7 @@ impl Browser {
         self.finish(r).await
     }
 
-    async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Page {
+    pub(crate) async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Page {
         self.post_with(path, fields, &[]).await
     }
 
