@@ -11,6 +11,13 @@
 //! commit leaves the old key current (an unused archived key is harmless); after it, the
 //! server uses the new key from the archive even if `feed-signing-key.pem` was not replaced.
 //!
+//! Replicas: each replica serves its own copy of the data dir, so a key archived by a rollover
+//! on one replica is not in the others' archives. The rollover therefore also stores the new
+//! private key in the database, sealed (ChaCha20-Poly1305) with the data dir's key-wrap key
+//! (`key-wrap.key`, made by `init` and copied with the data dir): another replica that finds
+//! the chain naming a key it lacks opens it from there and archives it. A copy of the database
+//! alone cannot sign.
+//!
 //! A running server compares its key with the chain at most every [`KEY_RECHECK`] (on the
 //! server's clock, at the next device request or enrolment), so within that time after a
 //! rollover every checkpoint, delta and snapshot is signed by the new key, enrolment answers
@@ -37,6 +44,72 @@ pub enum KeyError {
     Store(#[from] StoreError),
     #[error("the key chain names {0:?} as the current key, which is not a public key")]
     BadChain(String),
+    #[error(
+        "the key chain's sealed copy of key {0} does not open with this data dir's key-wrap key \
+         (is this data dir a copy of the one the replicas were made from?)"
+    )]
+    Unseal(PublicKey),
+}
+
+/// Associated data of a sealed signing key: what it is and whose.
+fn sealed_aad(public: &PublicKey) -> String {
+    format!("cpis feed signing key {public}")
+}
+
+/// Seals `key` with the data dir's key-wrap key: nonce (12 bytes) then ciphertext.
+fn seal_for_replicas(dir: &Path, key: &SigningKey) -> Result<Vec<u8>, KeyError> {
+    use chacha20poly1305::aead::{Aead as _, AeadCore as _, KeyInit as _, Payload};
+    let wrap = pki::key_wrap(dir)?;
+    let cipher = chacha20poly1305::ChaCha20Poly1305::new(&wrap.into());
+    let nonce = chacha20poly1305::ChaCha20Poly1305::generate_nonce(&mut rand::rngs::OsRng);
+    let public = PublicKey::from(key);
+    let aad = sealed_aad(&public);
+    let sealed = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: &key.to_bytes(),
+                aad: aad.as_bytes(),
+            },
+        )
+        .map_err(|_| KeyError::Unseal(public))?;
+    let mut out = nonce.to_vec();
+    out.extend(sealed);
+    Ok(out)
+}
+
+/// Opens a key sealed by [`seal_for_replicas`] and checks it is `public`'s.
+fn open_from_replicas(
+    dir: &Path,
+    public: &PublicKey,
+    sealed: &[u8],
+) -> Result<SigningKey, KeyError> {
+    use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
+    let wrap = pki::key_wrap(dir)?;
+    let cipher = chacha20poly1305::ChaCha20Poly1305::new(&wrap.into());
+    if sealed.len() < 12 {
+        return Err(KeyError::Unseal(*public));
+    }
+    let (nonce, ciphertext) = sealed.split_at(12);
+    let aad = sealed_aad(public);
+    let bytes = cipher
+        .decrypt(
+            nonce.into(),
+            Payload {
+                msg: ciphertext,
+                aad: aad.as_bytes(),
+            },
+        )
+        .map_err(|_| KeyError::Unseal(*public))?;
+    let secret: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| KeyError::Unseal(*public))?;
+    let key = SigningKey::from_bytes(&secret);
+    if PublicKey::from(&key) != *public {
+        return Err(KeyError::Unseal(*public));
+    }
+    Ok(key)
 }
 
 /// The key that signs now (see the module doc).
@@ -49,7 +122,25 @@ pub async fn current_key<S: Store>(dir: &Path, store: &S) -> Result<SigningKey, 
     if PublicKey::from(&file_key) == public {
         return Ok(file_key);
     }
-    Ok(pki::load_archived_signing_key(dir, &public)?)
+    let archived = match pki::load_archived_signing_key(dir, &public) {
+        Ok(key) => return Ok(key),
+        Err(e) => e,
+    };
+    // Rolled over on another replica: open the chain's sealed copy and archive it here.
+    let sealed = store
+        .key_rollovers()
+        .await?
+        .into_iter()
+        .rev()
+        .find(|r| r.rollover.next == public)
+        .and_then(|r| r.sealed_next);
+    let Some(sealed) = sealed else {
+        return Err(archived.into());
+    };
+    let key = open_from_replicas(dir, &public, &sealed)?;
+    pki::archive_signing_key(dir, &key)?;
+    tracing::info!(key = %public, "took the rolled-over signing key from the key chain");
+    Ok(key)
 }
 
 /// What [`roll`] did.
@@ -74,10 +165,12 @@ pub async fn roll<S: Store>(dir: &Path, store: &S, now: DateTime<Utc>) -> Result
         issued_at: now,
     };
     let signed = SignedMessage::sign(&current, &rollover);
+    let sealed_next = Some(seal_for_replicas(dir, &next)?);
     store
         .add_key_rollover(KeyRolloverRecord {
             rollover: rollover.clone(),
             signed,
+            sealed_next,
         })
         .await?;
     pki::install_signing_key(dir, &next)?;

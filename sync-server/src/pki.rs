@@ -67,9 +67,14 @@ pub const DEVICE_CA_CERT_FILE: &str = "device-ca.pem";
 /// Device CA private key.
 pub const DEVICE_CA_KEY_FILE: &str = "device-ca-key.pem";
 
+/// 32 random bytes (hex) that seal a rolled-over feed signing key in the database, so every
+/// replica's copy of the data dir can open it and the database alone cannot (see `keys`).
+pub const KEY_WRAP_FILE: &str = "key-wrap.key";
+
 /// Every file [`Pki::create`] writes.
-pub const ALL_FILES: [&str; 7] = [
+pub const ALL_FILES: [&str; 8] = [
     FEED_SIGNING_KEY_FILE,
+    KEY_WRAP_FILE,
     TLS_CA_CERT_FILE,
     TLS_CA_KEY_FILE,
     SERVER_CERT_FILE,
@@ -282,6 +287,7 @@ impl Pki {
                 device_ca_key.serialize_pem().as_bytes(),
                 true,
             ),
+            (KEY_WRAP_FILE, new_key_wrap().as_bytes(), true),
         ]
         .map(|(name, contents, secret)| (name, contents.to_vec(), secret));
         write_files(dir, &files)?;
@@ -772,6 +778,28 @@ fn write_files(dir: &Path, files: &[(&str, Vec<u8>, bool)]) -> Result<(), PkiErr
     sync_dir(dir)
 }
 
+/// A new key-wrap key, as [`KEY_WRAP_FILE`] holds it.
+fn new_key_wrap() -> String {
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    format!("{}\n", hex::encode(bytes))
+}
+
+/// The data dir's key-wrap key, made now when the data dir predates it (a single SQLite
+/// server: copies made after this hold it too).
+pub fn key_wrap(dir: &Path) -> Result<[u8; 32], PkiError> {
+    let path = dir.join(KEY_WRAP_FILE);
+    if fs::symlink_metadata(&path).is_err() {
+        write_new(&path, new_key_wrap().as_bytes(), true)?;
+        sync_dir(dir)?;
+    }
+    let text = read_key_file(&path)?;
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key)
+        .map_err(|e| bad(&path, format!("not 64 hex digits: {e}")))?;
+    Ok(key)
+}
+
 fn write_new(path: &Path, contents: &[u8], secret: bool) -> Result<(), PkiError> {
     let io_err = |source| PkiError::Io {
         action: "writing",
@@ -915,6 +943,7 @@ mod tests {
         Pki::create(dir.path(), &[]).unwrap();
         for name in [
             FEED_SIGNING_KEY_FILE,
+            KEY_WRAP_FILE,
             TLS_CA_KEY_FILE,
             SERVER_KEY_FILE,
             DEVICE_CA_KEY_FILE,

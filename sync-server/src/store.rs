@@ -202,6 +202,9 @@ pub struct FleetEntry {
 pub struct KeyRolloverRecord {
     pub rollover: KeyRollover,
     pub signed: SignedMessage,
+    /// The new private key sealed with the data dir's key-wrap key, so every replica can
+    /// sign with it (`None` on rollovers recorded before replicas).
+    pub sealed_next: Option<Vec<u8>>,
 }
 
 /// What the change-log pruning keeps.

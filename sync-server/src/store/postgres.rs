@@ -1925,13 +1925,14 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let r = &record.rollover;
         c.execute(
-            "INSERT INTO key_rollovers (previous, next, issued_at, signed) \
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO key_rollovers (previous, next, issued_at, signed, sealed_next) \
+             VALUES ($1, $2, $3, $4, $5)",
             &[
                 &r.previous.to_string(),
                 &r.next.to_string(),
                 &ts(r.issued_at),
                 &record.signed.to_bytes(),
+                &record.sealed_next,
             ],
         )
         .await
@@ -1943,7 +1944,7 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let found = rows(
             &c,
-            "SELECT previous, signed FROM key_rollovers ORDER BY seq",
+            "SELECT previous, signed, sealed_next FROM key_rollovers ORDER BY seq",
             &[],
         )
         .await?;
@@ -1959,7 +1960,11 @@ impl Store for PostgresStore {
                 let rollover: KeyRollover = signed
                     .open(previous.verifying_key())
                     .map_err(|e| corrupt("key_rollovers", e))?;
-                Ok(KeyRolloverRecord { rollover, signed })
+                Ok(KeyRolloverRecord {
+                    rollover,
+                    signed,
+                    sealed_next: row.try_get(2)?,
+                })
             })
             .collect()
     }

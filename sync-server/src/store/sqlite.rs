@@ -102,6 +102,7 @@ CREATE TABLE devices (
     pages::MIGRATION,
     credentials::MIGRATION,
     pages::SESSIONS_MIGRATION,
+    lifecycle::SEALED_KEY_MIGRATION,
 ];
 
 /// Where the owners of council and trust admin tokens live: (table, key column, what).

@@ -392,3 +392,55 @@ async fn wait_healthy(env: &Env) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_signing_key_rolled_over_on_one_replica_signs_on_every_replica() {
+    let cluster = Cluster::start();
+    let reps = replicas(&cluster, 2).await;
+    let (a, b) = (&reps[0], &reps[1]);
+    a.seed().await;
+    let d = b.enrol(EM).await;
+    let pinned = d.enrolment.signing_public_key;
+    let rolled = cpis_sync_server::keys::roll(a.dir.path(), a.store(), a.clock_now())
+        .await
+        .unwrap();
+    assert_eq!(rolled.previous, pinned);
+    assert!(
+        !b.dir
+            .path()
+            .join("feed-signing-keys")
+            .join(format!("{}.pem", rolled.next))
+            .exists(),
+        "the other replica's copy never saw the new key's file"
+    );
+    // Within the key re-check interval each replica signs with the new key.
+    for env in [a, b] {
+        env.clock.advance(chrono::Duration::seconds(
+            cpis_sync_server::keys::KEY_RECHECK.num_seconds() + 1,
+        ));
+        let r = d
+            .client
+            .get(env.url(cpis_protocol::api::paths::CHECKPOINT))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let signed = cpis_protocol::SignedMessage::from_bytes(&r.bytes().await.unwrap()).unwrap();
+        signed
+            .open::<cpis_protocol::Checkpoint>(rolled.next.verifying_key())
+            .expect("signed by the rolled-over key");
+    }
+    // A replica restarted from its copy signs with the new key too.
+    let dir = reps.into_iter().nth(1).unwrap().stop().await;
+    let again = Env::serve(dir, |_| {}).await;
+    let r = d
+        .client
+        .get(again.url(cpis_protocol::api::paths::CHECKPOINT))
+        .send()
+        .await
+        .unwrap();
+    let signed = cpis_protocol::SignedMessage::from_bytes(&r.bytes().await.unwrap()).unwrap();
+    signed
+        .open::<cpis_protocol::Checkpoint>(rolled.next.verifying_key())
+        .expect("signed by the rolled-over key after a restart");
+}

@@ -106,7 +106,9 @@ CREATE TABLE device_reports (
 );
 CREATE TABLE key_rollovers (
     seq BIGSERIAL PRIMARY KEY, previous TEXT NOT NULL, next TEXT NOT NULL UNIQUE,
-    issued_at BIGINT NOT NULL, signed BYTEA NOT NULL
+    issued_at BIGINT NOT NULL, signed BYTEA NOT NULL,
+    -- The new private key sealed with the data dir's key-wrap key (see keys.rs).
+    sealed_next BYTEA
 );
 CREATE TABLE upload_attempts (
     seq BIGSERIAL PRIMARY KEY, council TEXT COLLATE "C" NOT NULL, received_at BIGINT NOT NULL,

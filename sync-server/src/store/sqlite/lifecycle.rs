@@ -23,6 +23,11 @@ CREATE TABLE key_rollovers (
 ALTER TABLE events ADD COLUMN clock_suspect INTEGER NOT NULL DEFAULT 0;
 "#;
 
+/// The sealed new key of a rollover, for replicas (migration 7).
+pub(super) const SEALED_KEY_MIGRATION: &str = r#"
+ALTER TABLE key_rollovers ADD COLUMN sealed_next BLOB;
+"#;
+
 pub(super) fn record_report(
     c: &Connection,
     id: &DeviceId,
@@ -99,12 +104,14 @@ pub(super) fn fleet(
 pub(super) fn add_rollover(c: &Connection, record: &KeyRolloverRecord) -> Result<(), StoreError> {
     let r = &record.rollover;
     c.execute(
-        "INSERT INTO key_rollovers (previous, next, issued_at, signed) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO key_rollovers (previous, next, issued_at, signed, sealed_next) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
         params![
             r.previous.to_string(),
             r.next.to_string(),
             ts(r.issued_at),
-            record.signed.to_bytes()
+            record.signed.to_bytes(),
+            record.sealed_next
         ],
     )
     .map_err(|e| {
@@ -118,7 +125,8 @@ pub(super) fn add_rollover(c: &Connection, record: &KeyRolloverRecord) -> Result
 }
 
 pub(super) fn rollovers(c: &Connection) -> Result<Vec<KeyRolloverRecord>, StoreError> {
-    let mut stmt = c.prepare("SELECT previous, signed FROM key_rollovers ORDER BY seq")?;
+    let mut stmt =
+        c.prepare("SELECT previous, signed, sealed_next FROM key_rollovers ORDER BY seq")?;
     let rows = stmt.query_map([], |row| {
         let previous: PublicKey = super::parse_col(row, 0)?;
         let bytes: Vec<u8> = row.get(1)?;
@@ -127,7 +135,11 @@ pub(super) fn rollovers(c: &Connection) -> Result<Vec<KeyRolloverRecord>, StoreE
         let rollover: KeyRollover = signed
             .open(previous.verifying_key())
             .map_err(|e| bad(1, e))?;
-        Ok(KeyRolloverRecord { rollover, signed })
+        Ok(KeyRolloverRecord {
+            rollover,
+            signed,
+            sealed_next: row.get(2)?,
+        })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
