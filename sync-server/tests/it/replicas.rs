@@ -444,3 +444,71 @@ async fn a_signing_key_rolled_over_on_one_replica_signs_on_every_replica() {
         .open::<cpis_protocol::Checkpoint>(rolled.next.verifying_key())
         .expect("signed by the rolled-over key after a restart");
 }
+
+/// PostgreSQL 15's client programs (scripts/install-postgres.sh installs them).
+fn pg_tool(name: &str) -> PathBuf {
+    Path::new("/usr/lib/postgresql/15/bin").join(name)
+}
+
+#[tokio::test]
+async fn a_dump_restored_into_a_new_cluster_serves_the_same_head_version() {
+    let cluster = Cluster::start();
+    let reps = replicas(&cluster, 1).await;
+    let a = &reps[0];
+    a.seed().await;
+    let leics = a.council_token(LEICS).await;
+    let d = a.enrol(EM).await;
+    for round in 1..=3u32 {
+        let rows: Vec<(u32, &str, &str, &str)> = (0..round * 4)
+            .map(|i| (i, "CPP", "2024-01-01", ""))
+            .collect();
+        assert_eq!(a.upload(&leics, LEICS, &csv(&rows)).await.status(), 200);
+    }
+    let head = a.store().head_version().await.unwrap();
+    let mut before = Tablet::default();
+    sync(a, &d, &mut before).await;
+
+    // The backup PROVISIONING.md describes: pg_dump's custom format, restored with
+    // pg_restore into an empty database of a new cluster.
+    let dump = TempDir::new().unwrap();
+    let file = dump.path().join("cpis.dump");
+    let out = std::process::Command::new(pg_tool("pg_dump"))
+        .args(["--format=custom", "--file"])
+        .arg(&file)
+        .arg(&cluster.url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fresh = Cluster::start();
+    let out = std::process::Command::new(pg_tool("pg_restore"))
+        .args(["--no-owner", "--exit-on-error", "--dbname"])
+        .arg(&fresh.url)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A replica's copy of the data dir, pointed at the restored database.
+    let copy = TempDir::new().unwrap();
+    copy_dir(a.dir.path(), copy.path());
+    let url = fresh.url.clone();
+    let restored = Env::serve(copy, move |c| c.database_url = Some(url)).await;
+    assert_eq!(restored.store().head_version().await.unwrap(), head);
+    let mut after = Tablet::default();
+    sync(&restored, &d, &mut after).await;
+    assert_eq!(
+        after.version, head,
+        "the restored replica serves the same head"
+    );
+    assert_eq!(after.flags, before.flags);
+    // The tablet already at the head is told so by the restored replica.
+    assert_eq!(delta(&restored, &d, head).await.status(), 204);
+}
