@@ -145,7 +145,13 @@ pub async fn init_with(
     };
     refuse_used_dir(data_dir)?;
     let store = PostgresStore::new(url, PoolOptions::default())?;
-    store.refuse_initialised().await?;
+    store.refuse_initialised().await.map_err(|e| match e {
+        StoreError::Unavailable(why) => StoreError::Unavailable(format!(
+            "cannot reach {}: {why}; nothing was created",
+            store.shown_url()
+        )),
+        other => other,
+    })?;
     create_dir(data_dir, hostnames, Some(url))?;
     if let Err(e) = store.migrate().await {
         let _ = std::fs::remove_dir_all(data_dir);

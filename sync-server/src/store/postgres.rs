@@ -109,7 +109,14 @@ pub fn redact_url(url: &str) -> String {
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
     if e.is_closed() || e.code().is_none() {
-        return StoreError::Unavailable(e.to_string());
+        // The message of a connection failure is in its source ("Connection refused").
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message = format!("{message}: {s}");
+            source = s.source();
+        }
+        return StoreError::Unavailable(message);
     }
     match e.code() {
         Some(c)
