@@ -52,6 +52,9 @@ pub struct Options {
     pub server_port: u16,
     /// Loopback port of the agent's local API (0: a free one).
     pub agent_port: u16,
+    /// Run the server as two replicas on a throw-away PostgreSQL cluster behind HAProxy
+    /// instead of one server on SQLite.
+    pub postgres: bool,
 }
 
 /// The demo after its walkthrough: the processes still running, to be stopped with
@@ -63,6 +66,70 @@ pub struct Demo {
     agent: Running,
     proxy: ProxyHandle,
     steps: Steps,
+    /// With `--postgres`: the second replica, HAProxy and the cluster.
+    replicas: Option<Replicas>,
+}
+
+/// The parts `--postgres` adds: a throw-away PostgreSQL cluster, a second replica serving a
+/// copy of the data dir, and HAProxy in front of both. Dropping it stops HAProxy and removes
+/// the cluster (the replica is killed with its handle).
+#[derive(Debug)]
+struct Replicas {
+    second: Option<Running>,
+    cluster_dir: PathBuf,
+    haproxy_dir: PathBuf,
+    stopped: bool,
+}
+
+/// A script of the repository's `scripts/` directory.
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(name)
+}
+
+/// Runs a script of `scripts/` and returns its stdout's last line.
+async fn run_script(name: &str, args: &[&Path]) -> anyhow::Result<String> {
+    let mut cmd = Cmd::new("bash").arg(script(name));
+    for a in args {
+        cmd = cmd.arg(a);
+    }
+    let out = cmd.run(START_TIMEOUT * 10).await?;
+    Ok(out.lines().last().unwrap_or_default().trim().to_owned())
+}
+
+impl Replicas {
+    /// Stops HAProxy, the second replica and the cluster; says how the replica stopped.
+    async fn stop(&mut self) -> Option<Stopped> {
+        let second = match self.second.as_mut() {
+            Some(child) => Some(stop_child(child).await),
+            None => None,
+        };
+        self.shutdown();
+        second
+    }
+
+    fn shutdown(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let _ = std::process::Command::new("bash")
+            .arg(script("haproxy-stop.sh"))
+            .arg(&self.haproxy_dir)
+            .output();
+        let _ = std::process::Command::new("bash")
+            .arg(script("postgres-stop.sh"))
+            .arg(&self.cluster_dir)
+            .arg("--remove")
+            .output();
+    }
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
 /// Numbered steps printed on stdout, with the time since the start.
@@ -184,20 +251,48 @@ pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
         opts.seed,
     ));
 
-    // 3. init.
+    // 3. init (with --postgres: on a throw-away PostgreSQL cluster).
     let data_dir = dir.join("server");
     let t = Instant::now();
-    Cmd::new(&bins.server)
+    let cluster_dir = dir.join("postgres");
+    // Stops HAProxy and removes the cluster however the demo ends (see `Replicas`).
+    let mut replicas = opts.postgres.then(|| Replicas {
+        second: None,
+        cluster_dir: cluster_dir.clone(),
+        haproxy_dir: dir.join("haproxy"),
+        stopped: false,
+    });
+    let database = if opts.postgres {
+        let url = run_script("postgres-start.sh", &[&cluster_dir])
+            .await
+            .context("starting a throw-away PostgreSQL cluster (scripts/postgres-start.sh)")?;
+        steps.step(format!(
+            "PostgreSQL cluster started in {}: {url} (scripts/postgres-start.sh; removed when the demo stops)",
+            secs(t.elapsed())
+        ));
+        Some(url)
+    } else {
+        None
+    };
+    let t = Instant::now();
+    let mut init = Cmd::new(&bins.server)
         .arg("init")
         .arg("--data-dir")
         .arg(&data_dir)
-        .args(["--hostname", "localhost", "--hostname", "127.0.0.1"])
-        .run(ADMIN_TIMEOUT)
-        .await?;
+        .args(["--hostname", "localhost", "--hostname", "127.0.0.1"]);
+    if let Some(url) = &database {
+        init = init.args(["--database", url.as_str()]);
+    }
+    init.run(ADMIN_TIMEOUT).await?;
     steps.step(format!(
-        "Server data dir initialised in {}: {} (SQLite, feed signing key, TLS CA and certificate, device CA)",
+        "Server data dir initialised in {}: {} ({}, feed signing key, TLS CA and certificate, device CA)",
         secs(t.elapsed()),
-        data_dir.display()
+        data_dir.display(),
+        if database.is_some() {
+            "the schema in that PostgreSQL database"
+        } else {
+            "SQLite"
+        }
     ));
 
     // 4. The directory and council tokens.
@@ -249,14 +344,45 @@ pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
         .with_context(|| format!("reading {}", ca_path.display()))?;
     let https = harness::https_client(&ca_pem, None, REQUEST_TIMEOUT)?;
     let server_log = dir.join("server.log");
-    let (server, server_addr) =
+    let (server, mut server_addr) =
         start_server(bins, &data_dir, opts.server_port, &server_log, &https).await?;
-    let base = format!("https://127.0.0.1:{}", server_addr.port());
+    let mut base = format!("https://127.0.0.1:{}", server_addr.port());
     steps.step(format!(
         "Server serving on {base} in {} (/healthz answered over TLS); log {}",
         secs(t.elapsed()),
         server_log.display()
     ));
+    if let Some(parts) = replicas.as_mut() {
+        // A second replica on its own copy of the data dir, and HAProxy in front of both:
+        // from here on every client talks to HAProxy.
+        let t = Instant::now();
+        let second_dir = dir.join("server-2");
+        Cmd::new("cp")
+            .arg("-a")
+            .arg(&data_dir)
+            .arg(&second_dir)
+            .run(ADMIN_TIMEOUT)
+            .await?;
+        let second_log = dir.join("server-2.log");
+        let (second, second_addr) = start_server(bins, &second_dir, 0, &second_log, &https).await?;
+        parts.second = Some(second);
+        let haproxy_dir = parts.haproxy_dir.clone();
+        let first = PathBuf::from(server_addr.to_string());
+        let other = PathBuf::from(second_addr.to_string());
+        let frontend = run_script("haproxy-start.sh", &[&haproxy_dir, &first, &other])
+            .await
+            .context("starting HAProxy (scripts/haproxy-start.sh)")?;
+        server_addr = frontend
+            .parse()
+            .with_context(|| format!("haproxy-start.sh printed {frontend:?}, not an address"))?;
+        base = format!("https://127.0.0.1:{}", server_addr.port());
+        wait_healthy(&https, &base).await?;
+        steps.step(format!(
+            "Second replica on https://{second_addr} (a copy of the data dir, log {}), and HAProxy on {base} in front of both (TCP, TLS passed through) in {}; everything below goes through HAProxy",
+            second_log.display(),
+            secs(t.elapsed())
+        ));
+    }
 
     // 6. Uploads.
     let t = Instant::now();
@@ -633,6 +759,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Demo> {
         agent,
         proxy,
         steps,
+        replicas,
     })
 }
 
@@ -678,8 +805,15 @@ impl Demo {
         let agent = stop_child(&mut self.agent).await;
         self.proxy.shutdown().await;
         let server = stop_child(&mut self.server).await;
+        let second = match self.replicas.as_mut() {
+            Some(r) => match r.stop().await {
+                Some(stopped) => format!(", second replica {}", stopped.describe()),
+                None => String::new(),
+            },
+            None => String::new(),
+        };
         self.steps.step(format!(
-            "Stopped in {}: agent {}, server {}. Files kept in {}",
+            "Stopped in {}: agent {}, server {}{second}. Files kept in {}",
             secs(t.elapsed()),
             agent.describe(),
             server.describe(),
@@ -1026,6 +1160,23 @@ async fn start_server(
             );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until `base`'s `/healthz` answers 200.
+async fn wait_healthy(https: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let url = format!("{base}/healthz");
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(r) = https.get(&url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{url} did not answer 200 within {}", secs(START_TIMEOUT));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

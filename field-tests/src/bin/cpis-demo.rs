@@ -42,6 +42,11 @@ struct Cli {
     /// Stop everything and exit after the walkthrough instead of staying up until Ctrl-C.
     #[arg(long)]
     no_wait: bool,
+    /// Run the sync server as two replicas sharing a throw-away PostgreSQL cluster, behind
+    /// HAProxy (both from Debian's packages, installed by scripts/ when missing), instead of
+    /// one server on SQLite. --server-port is then the first replica's port.
+    #[arg(long)]
+    postgres: bool,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         seed: cli.seed.unwrap_or_else(rand::random),
         server_port: cli.server_port,
         agent_port: cli.agent_port,
+        postgres: cli.postgres,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
