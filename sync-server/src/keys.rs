@@ -48,7 +48,7 @@ pub enum KeyError {
         "the key chain's sealed copy of key {0} does not open with this data dir's key-wrap key \
          (is this data dir a copy of the one the replicas were made from?)"
     )]
-    Unseal(PublicKey),
+    Unseal(String),
 }
 
 /// Associated data of a sealed signing key: what it is and whose.
@@ -72,7 +72,7 @@ fn seal_for_replicas(dir: &Path, key: &SigningKey) -> Result<Vec<u8>, KeyError> 
                 aad: aad.as_bytes(),
             },
         )
-        .map_err(|_| KeyError::Unseal(public))?;
+        .map_err(|_| KeyError::Unseal(public.to_string()))?;
     let mut out = nonce.to_vec();
     out.extend(sealed);
     Ok(out)
@@ -88,7 +88,7 @@ fn open_from_replicas(
     let wrap = pki::key_wrap(dir)?;
     let cipher = chacha20poly1305::ChaCha20Poly1305::new(&wrap.into());
     if sealed.len() < 12 {
-        return Err(KeyError::Unseal(*public));
+        return Err(KeyError::Unseal(public.to_string()));
     }
     let (nonce, ciphertext) = sealed.split_at(12);
     let aad = sealed_aad(public);
@@ -100,14 +100,14 @@ fn open_from_replicas(
                 aad: aad.as_bytes(),
             },
         )
-        .map_err(|_| KeyError::Unseal(*public))?;
+        .map_err(|_| KeyError::Unseal(public.to_string()))?;
     let secret: [u8; 32] = bytes
         .as_slice()
         .try_into()
-        .map_err(|_| KeyError::Unseal(*public))?;
+        .map_err(|_| KeyError::Unseal(public.to_string()))?;
     let key = SigningKey::from_bytes(&secret);
     if PublicKey::from(&key) != *public {
-        return Err(KeyError::Unseal(*public));
+        return Err(KeyError::Unseal(public.to_string()));
     }
     Ok(key)
 }
