@@ -1,6 +1,8 @@
-//! The real `cpis-sync-server` as a child process: `init`, the directory of trusts, regions
-//! and councils added with `admin`, `serve` (waiting for `/healthz` over TLS), SIGKILL and
-//! restart on the same data dir and address, graceful SIGTERM; council uploads over HTTPS.
+//! The real `cpis-sync-server` as a child process: `init` (on SQLite, or on a PostgreSQL
+//! database for replicas that each serve a copy of the data dir), the directory of trusts,
+//! regions and councils added with `admin`, `serve` (waiting for `/healthz` over TLS),
+//! SIGKILL and restart on the same data dir and address, graceful SIGTERM; council uploads
+//! over HTTPS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,20 +64,41 @@ impl ServerProcess {
         directory: &Directory,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let bin = bins()?.server.clone();
-        Cmd::new(&bin)
-            .arg("init")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--hostname", "localhost", "--hostname", "127.0.0.1"])
-            .run(ADMIN_TIMEOUT)
-            .await?;
+        init(data_dir, None).await?;
+        let mut server = Self::stopped(data_dir, listen, env)?;
+        server.add_directory(directory).await?;
+        server.start().await?;
+        Ok(server)
+    }
+
+    /// `init --database URL` in `data_dir` (which must not exist or be empty) for
+    /// `localhost` and `127.0.0.1`: keys and certificates in `data_dir`, the schema in
+    /// `database_url`, an existing empty PostgreSQL database. Nothing is served: every
+    /// replica serves its own copy of `data_dir` ([`Self::start_existing`]).
+    pub async fn init_with_database(data_dir: &Path, database_url: &str) -> anyhow::Result<()> {
+        init(data_dir, Some(database_url)).await
+    }
+
+    /// `serve` on a data dir that is initialised already (e.g. a replica's copy of one made
+    /// by [`Self::init_with_database`]), on `listen`, with `CPIS_*` environment overrides.
+    pub async fn start_existing(
+        data_dir: &Path,
+        listen: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut server = Self::stopped(data_dir, listen, env)?;
+        server.start().await?;
+        Ok(server)
+    }
+
+    /// The handle of a server on an initialised `data_dir`, not started.
+    fn stopped(data_dir: &Path, listen: SocketAddr, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let ca_path = data_dir.join("tls-ca.pem");
         let ca_pem = std::fs::read_to_string(&ca_path)
             .with_context(|| format!("reading {}", ca_path.display()))?;
-        let mut server = Self {
+        Ok(Self {
             http: http::client(&ca_pem, None, REQUEST_TIMEOUT)?,
-            bin,
+            bin: bins()?.server.clone(),
             log: log_path(data_dir),
             data_dir: data_dir.to_owned(),
             addr: listen,
@@ -88,10 +111,7 @@ impl ServerProcess {
             starts: 0,
             port_busy: 0,
             metrics: None,
-        };
-        server.add_directory(directory).await?;
-        server.start().await?;
-        Ok(server)
+        })
     }
 
     /// Adds the directory's trusts, regions and councils with `admin` commands.
@@ -327,6 +347,21 @@ impl ServerProcess {
     }
 }
 
+/// `cpis-sync-server init --data-dir DIR` for `localhost` and `127.0.0.1`, on SQLite in the
+/// data dir or, with `database_url`, on that PostgreSQL database.
+async fn init(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<()> {
+    let mut cmd = Cmd::new(&bins()?.server)
+        .arg("init")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--hostname", "localhost", "--hostname", "127.0.0.1"]);
+    if let Some(url) = database_url {
+        cmd = cmd.args(["--database", url]);
+    }
+    cmd.run(ADMIN_TIMEOUT).await?;
+    Ok(())
+}
+
 /// One `GET {base}/healthz`; returns how long it took.
 async fn healthz(http: &reqwest::Client, base: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
@@ -394,6 +429,15 @@ pub struct CouncilClient {
 impl CouncilClient {
     pub fn ods(&self) -> &CouncilCode {
         &self.ods
+    }
+
+    /// The same council, with the same token, talking to `base` instead (e.g.
+    /// `https://127.0.0.1:PORT` of a load balancer in front of several replicas).
+    pub fn via(&self, base: &str) -> CouncilClient {
+        CouncilClient {
+            base: base.to_owned(),
+            ..self.clone()
+        }
     }
 
     /// Uploads the council's full list; `Ok` only for a `200` receipt.

@@ -9,6 +9,7 @@ mod crash;
 mod demo;
 mod offline;
 mod proxy;
+mod replicas;
 mod resume;
 mod servers;
 mod slow_clients;
