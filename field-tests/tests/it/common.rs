@@ -3,6 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::time::Duration;
+
+use cpis_agent::schedule::ScheduleConfig;
+use cpis_field_tests::fleet::Counts;
 
 use cpis_field_tests::harness::{CouncilClient, ServerProcess, Tablet};
 use cpis_fixtures::{Config, Dataset, Directory};
@@ -300,5 +304,68 @@ impl Notices {
             total += got.len();
         }
         total
+    }
+}
+
+// ---- fleets (the storm and the replicas scenario) -------------------------------------
+
+/// One big fleet at a time: two at once would need twice the open files and share two cores.
+pub(crate) static ONE_FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub(crate) fn fleet_size() -> usize {
+    std::env::var("CPIS_FLEET_AGENTS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(2_000)
+}
+
+/// The loops' timing: no periodic poll within a test (the interval is an hour); a failure
+/// backs off 2–30 s with full jitter, so during the outage every tablet keeps failing.
+pub(crate) fn schedule() -> ScheduleConfig {
+    ScheduleConfig {
+        interval: Duration::from_secs(3600),
+        interval_jitter: Duration::from_secs(60),
+        soon: Duration::from_secs(1),
+        min_gap: Duration::from_secs(1),
+        backoff_min: Duration::from_secs(2),
+        backoff_max: Duration::from_secs(30),
+        retry_after_max: Duration::from_secs(60),
+    }
+}
+
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Sum of the samples of `name` whose labels contain `with`.
+pub(crate) fn metric_sum(text: &str, name: &str, with: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(with))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What changed in the fleet's counters between two moments.
+pub(crate) fn delta(before: &Counts, after: &Counts) -> Counts {
+    Counts {
+        attempts: after.attempts - before.attempts,
+        synced: after.synced - before.synced,
+        shed_429: after.shed_429 - before.shed_429,
+        shed_503: after.shed_503 - before.shed_503,
+        shed_without_retry_after: after.shed_without_retry_after - before.shed_without_retry_after,
+        retry_after_max: after.retry_after_max,
+        retry_after_early: after.retry_after_early - before.retry_after_early,
+        events_left: after.events_left - before.events_left,
+        unreachable: after.unreachable - before.unreachable,
+        unreachable_since_back: after.unreachable_since_back - before.unreachable_since_back,
+        revoked: after.revoked - before.revoked,
+        enrol_shed: after.enrol_shed - before.enrol_shed,
+        other: after.other - before.other,
+        other_errors: after.other_errors.clone(),
+        unreachable_errors: after.unreachable_errors.clone(),
     }
 }

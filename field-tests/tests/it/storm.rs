@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cpis_agent::AgentError;
-use cpis_agent::schedule::ScheduleConfig;
 use cpis_field_tests::fleet::{Counts, Fleet, FleetOptions, raise_fd_limit, state_root};
 use cpis_field_tests::harness::{ServerProcess, https_client};
 use cpis_field_tests::proxy::{Faults, Proxy, ProxyHandle};
@@ -42,7 +41,7 @@ use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 use tempfile::TempDir;
 
-use crate::common;
+use crate::common::{self, ONE_FLEET, delta, fleet_size, metric_sum, percentile, schedule};
 
 /// Flags in the region: a few hundred, so 2,000 snapshot installs stay cheap.
 const FLAGS: usize = 300;
@@ -55,35 +54,12 @@ const FDS_PER_AGENT: u64 = 9;
 /// Room the tablets' state directories need (about 200 KB each, with margin).
 const FLEET_ROOM: u64 = 2 << 30;
 
-static ONE_FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// Bound on the fleet's first convergence (enrolment done; every tablet's first snapshot).
 const FIRST_BOUND: Duration = Duration::from_secs(90);
 /// Bound on convergence after the network comes back.
 const STORM_BOUND: Duration = Duration::from_secs(90);
 /// How long chatty tablets keep asking for syncs after the rest converged, at most.
 const CHATTER_BOUND: Duration = Duration::from_secs(30);
-
-fn fleet_size() -> usize {
-    std::env::var("CPIS_FLEET_AGENTS")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(2_000)
-}
-
-/// The loops' timing: no periodic poll within a test (the interval is an hour); a failure
-/// backs off 2–30 s with full jitter, so during the outage every tablet keeps failing.
-fn schedule() -> ScheduleConfig {
-    ScheduleConfig {
-        interval: Duration::from_secs(3600),
-        interval_jitter: Duration::from_secs(60),
-        soon: Duration::from_secs(1),
-        min_gap: Duration::from_secs(1),
-        backoff_min: Duration::from_secs(2),
-        backoff_max: Duration::from_secs(30),
-        retry_after_max: Duration::from_secs(60),
-    }
-}
 
 /// The server's settings for the scenarios: 16 request slots, 503 `Retry-After` at most
 /// 10 s, and a tight per-device rate (a burst of 6, one request every 2 s) so tablets whose
@@ -341,43 +317,6 @@ impl HealthPoller {
     fn finish(self) -> (Vec<Duration>, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap()
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-/// Sum of the samples of `name` whose labels contain `with`.
-fn metric_sum(text: &str, name: &str, with: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(with))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// What changed in the fleet's counters between two moments.
-fn delta(before: &Counts, after: &Counts) -> Counts {
-    Counts {
-        attempts: after.attempts - before.attempts,
-        synced: after.synced - before.synced,
-        shed_429: after.shed_429 - before.shed_429,
-        shed_503: after.shed_503 - before.shed_503,
-        shed_without_retry_after: after.shed_without_retry_after - before.shed_without_retry_after,
-        retry_after_max: after.retry_after_max,
-        retry_after_early: after.retry_after_early - before.retry_after_early,
-        events_left: after.events_left - before.events_left,
-        unreachable: after.unreachable - before.unreachable,
-        unreachable_since_back: after.unreachable_since_back - before.unreachable_since_back,
-        revoked: after.revoked - before.revoked,
-        enrol_shed: after.enrol_shed - before.enrol_shed,
-        other: after.other - before.other,
-        other_errors: after.other_errors.clone(),
-        unreachable_errors: after.unreachable_errors.clone(),
     }
 }
 
