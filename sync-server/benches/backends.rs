@@ -328,22 +328,37 @@ async fn events_per_s(
 async fn listing(site: &Site, rng: &mut rand::rngs::StdRng) -> (f64, f64) {
     let http = common::client(&site.ca, None, TIMEOUT);
     let url = format!("{}/v1/councils/{}/notifications", site.base, site.council);
-    let first: NotificationPage = http
-        .get(format!("{url}?limit=1"))
-        .bearer_auth(&site.council_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let lowest = first.notifications.first().map_or(0, |n| n.id.get());
+    // The cursors are opaque: page through once to collect them.
+    let mut cursors: Vec<Option<String>> = vec![None];
+    loop {
+        let page_url = match cursors.last().unwrap() {
+            Some(c) => format!("{url}?limit=100&after={c}"),
+            None => format!("{url}?limit=100"),
+        };
+        let page: NotificationPage = http
+            .get(page_url)
+            .bearer_auth(&site.council_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        match page.next {
+            Some(next) => cursors.push(Some(next)),
+            None => break,
+        }
+    }
     let mut times = Vec::new();
     for _ in 0..200 {
-        let after = lowest + rng.gen_range(0..4_000);
+        let cursor = &cursors[rng.gen_range(0..cursors.len())];
+        let page_url = match cursor {
+            Some(c) => format!("{url}?limit=100&after={c}"),
+            None => format!("{url}?limit=100"),
+        };
         let t = Instant::now();
         let r = http
-            .get(format!("{url}?after={after}&limit=100"))
+            .get(page_url)
             .bearer_auth(&site.council_token)
             .send()
             .await

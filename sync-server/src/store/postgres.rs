@@ -764,6 +764,34 @@ async fn contacts<C: GenericClient>(
     found.iter().map(|r| contact_from_row(r, 0)).collect()
 }
 
+/// The recent contacts of several subjects in one statement, newest first, at most
+/// `MAX_RECENT_CONTACTS` each (a mailbox page, a delta).
+async fn contacts_of<C: GenericClient>(
+    c: &C,
+    subjects: &[NhsNumber],
+) -> Result<HashMap<NhsNumber, Vec<RecentContact>>, StoreError> {
+    let mut out: HashMap<NhsNumber, Vec<RecentContact>> = HashMap::new();
+    if subjects.is_empty() {
+        return Ok(out);
+    }
+    let values: Vec<i64> = subjects.iter().map(|n| nhs_value(*n)).collect();
+    let found = rows(
+        c,
+        "SELECT nhs_number, accessed_at, trust, trust_name, setting FROM (SELECT *, \
+         row_number() OVER (PARTITION BY nhs_number ORDER BY accessed_at DESC, event_id DESC) \
+         AS n FROM contacts WHERE nhs_number = ANY($1)) recent WHERE n <= $2 \
+         ORDER BY nhs_number, accessed_at DESC, event_id DESC",
+        &[&values, &(MAX_RECENT_CONTACTS as i64)],
+    )
+    .await?;
+    for r in &found {
+        out.entry(nhs(r, 0, "contacts")?)
+            .or_default()
+            .push(contact_from_row(r, 1)?);
+    }
+    Ok(out)
+}
+
 async fn record_attempt<C: GenericClient>(
     c: &C,
     council: &CouncilCode,
@@ -1406,13 +1434,15 @@ impl Store for PostgresStore {
                     changes.push(change_from_row(row)?);
                 }
             }
+            let subjects: Vec<NhsNumber> = latest_contacts.keys().copied().collect();
+            let mut current = contacts_of(&tx, &subjects).await?;
             let mut kept = Vec::with_capacity(changes.len() - superseded.len());
             for (i, mut vc) in changes.into_iter().enumerate() {
                 if superseded.contains(&i) {
                     continue;
                 }
                 if let Change::Contacts(sc) = &mut vc.change {
-                    sc.contacts = contacts(&tx, sc.nhs_number).await?;
+                    sc.contacts = current.remove(&sc.nhs_number).unwrap_or_default();
                 }
                 kept.push(vc);
             }
@@ -1742,15 +1772,12 @@ impl Store for PostgresStore {
                 clock_suspect: r.try_get(6)?,
             });
         }
-        let mut cache: HashMap<NhsNumber, Vec<RecentContact>> = HashMap::new();
+        let subjects: Vec<NhsNumber> = page.iter().map(|n| n.nhs_number).collect();
+        let contacts = contacts_of(&tx, &subjects).await?;
         for n in &mut page {
-            let list = match cache.entry(n.nhs_number) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(contacts(&tx, n.nhs_number).await?)
-                }
-            };
-            n.recent_contacts.clone_from(list);
+            if let Some(list) = contacts.get(&n.nhs_number) {
+                n.recent_contacts.clone_from(list);
+            }
         }
         tx.commit().await?;
         Ok(page)
