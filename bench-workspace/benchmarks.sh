@@ -163,6 +163,7 @@ bench_exe() {
 lookup_exe=$(bench_exe cpis-agent lookup)
 server_exe=$(bench_exe cpis-sync-server server)
 events_exe=$(bench_exe cpis-sync-server events)
+backends_exe=$(bench_exe cpis-sync-server backends)
 (cd "$here" && cargo build --locked --release -q)
 build_secs=$(($(date +%s) - tb))
 say "builds took ${build_secs} s"
@@ -185,6 +186,11 @@ loads+=("server bench: $(loadavg)")
 step "sync-server bench: event ingest, mailbox"
 loads+=("events bench: $(loadavg)")
 (cd "$root/sync-server" && "$events_exe" --bench) | tee "$R/events.txt" | grep -v '^RESULT' >&2
+step "sync-server bench: SQLite against PostgreSQL, one replica against three"
+loads+=("backends bench: $(loadavg)")
+bash "$root/scripts/install-postgres.sh"
+bash "$root/scripts/install-haproxy.sh"
+(cd "$root/sync-server" && "$backends_exe" --bench) | tee "$R/backends.txt" | grep -v '^RESULT' >&2
 
 # ---- 5. the real binaries on loopback -------------------------------------------------------
 # Day 1 is yesterday and day 2 today: the server refuses dates in its future.
@@ -468,6 +474,20 @@ mb_first=$(res "$E" mailbox_first_100 p99_ms); mb_first50=$(res "$E" mailbox_fir
 mb_rand=$(res "$E" mailbox_random_100 p99_ms); mb_rand50=$(res "$E" mailbox_random_100 p50_ms)
 mb_store=$(res "$E" mailbox_store_100 p99_ms); mb_store50=$(res "$E" mailbox_store_100 p50_ms)
 mb_queued=$(res "$E" mailbox_first_100 queued)
+K="$R/backends.txt"
+backend_rows=""
+for m in "upload|200,000-flag region uploaded (12 councils, HTTPS), s" \
+         "snapshot_build|Its snapshot built (first GET), ms" \
+         "snapshot_cached|The snapshot from the cache, ms" \
+         "polls|Checkpoint polls/s (64 in flight)" \
+         "events|Access events stored/s (batches of 100, 16 in flight)" \
+         "list_p50|Mailbox page of 100 at a random cursor, p50 ms" \
+         "list_p99|Mailbox page of 100 at a random cursor, p99 ms"; do
+    key=${m%%|*}; label=${m#*|}
+    backend_rows+="| $label | $(res "$K" "backend_$key" sqlite) | $(res "$K" "backend_$key" postgres) | $(res "$K" "backend_$key" pg_slower_x)× |"$'\n'
+done
+r1p=$(res "$K" replicas_1 polls_per_s); r1e=$(res "$K" replicas_1 events_per_s)
+r3p=$(res "$K" replicas_3 polls_per_s); r3e=$(res "$K" replicas_3 events_per_s)
 fix_rate=$(FMT=%.0f calc "$FIX_FLAGS / $fix_s")
 
 ingest_rows=""
@@ -594,6 +614,28 @@ $ingest_rows
 | First page over HTTPS (bearer token) | $mb_first50 ms | $mb_first ms | $mb_store50 / $mb_store ms | $(x "$mb_first" "$mb_store") |
 | Page at a random cursor over HTTPS | $mb_rand50 ms | $mb_rand ms | $mb_store50 / $mb_store ms | $(x "$mb_rand" "$mb_store") |
 
+## PostgreSQL against SQLite; one replica against three
+
+The same server, through HTTPS on loopback, on each backend (PostgreSQL 15 in a throw-away
+cluster with \`fsync\` on, as SQLite's \`synchronous=FULL\`). Ratio: how many times slower
+PostgreSQL is (per request; above 1 is slower). Target: within 2×.
+
+| What | SQLite | PostgreSQL | PostgreSQL slower by |
+|---|---|---|---|
+$backend_rows
+Behind HAProxy (TCP, TLS passed through), PostgreSQL, every replica in one process:
+
+| Replicas | Checkpoint polls/s | Events stored/s |
+|---|---|---|
+| 1 | $r1p | $r1e |
+| 3 | $r3p ($(x "$r3p" "$r1p") of one) | $r3e ($(x "$r3e" "$r1e") of one) |
+
+On 2 cores the replicas, HAProxy, PostgreSQL and the load generator share the same two
+cores, so three replicas cannot be faster than one here: the row shows what the extra hops
+cost, not how the service scales on separate machines. Every transaction that takes versions
+or notification ids waits for the one before it (see sync-server/README.md, "Versions across
+replicas"), so event ingest does not scale with replicas at all.
+
 ## Council uploads
 
 | What | Time | Baseline (same run) | Ratio |
@@ -646,6 +688,9 @@ $(kib "$delta_maxrss") MiB and used $(FMT=%.2f calc "$delta_cpu_u + $delta_cpu_s
   \`cpis-agent enrol\` then three \`cpis-agent sync\` runs through \`cpis-bench-tool relay\`.
 * Polls, ingest, mailbox, uploads, snapshot sizes: \`cpis-bench-tool load\`,
   \`cargo bench -p cpis-sync-server --bench events\` and \`--bench server\`.
+* PostgreSQL against SQLite, one replica against three: \`cargo bench -p cpis-sync-server
+  --bench backends\` (a 200,000-flag region from \`cpis-fixtures\`; its own PostgreSQL
+  cluster and HAProxy from \`scripts/\`).
 * Raw output of every step is printed on the terminal while the script runs.
 EOF
 } > "$tmp"

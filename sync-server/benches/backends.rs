@@ -470,56 +470,61 @@ async fn run() {
     println!("   measure                                   SQLite      PostgreSQL  PG / SQLite");
     let rows = [
         (
-            "200k-flag region upload (s, lower better)",
+            "upload",
+            "200k-flag region upload (s)",
             sqlite.upload_s,
             pg.upload_s,
             false,
         ),
         (
+            "snapshot_build",
             "snapshot build, first GET (ms)",
             sqlite.snapshot_build_ms,
             pg.snapshot_build_ms,
             false,
         ),
         (
+            "snapshot_cached",
             "snapshot from cache (ms)",
             sqlite.snapshot_cached_ms,
             pg.snapshot_cached_ms,
             false,
         ),
         (
-            "checkpoint polls/s (higher better)",
+            "polls",
+            "checkpoint polls/s",
             sqlite.polls_per_s,
             pg.polls_per_s,
             true,
         ),
         (
-            "events stored/s (higher better)",
+            "events",
+            "events stored/s",
             sqlite.events_per_s,
             pg.events_per_s,
             true,
         ),
         (
+            "list_p50",
             "mailbox page of 100, p50 (ms)",
             sqlite.list_p50_ms,
             pg.list_p50_ms,
             false,
         ),
         (
+            "list_p99",
             "mailbox page of 100, p99 (ms)",
             sqlite.list_p99_ms,
             pg.list_p99_ms,
             false,
         ),
     ];
-    for (name, s, p, higher_better) in rows {
-        // The ratio is always "how many times slower PostgreSQL is" (above 1: slower).
+    for (key, name, s, p, higher_better) in rows {
+        // The ratio is always how many times slower PostgreSQL is (above 1: slower).
         let slower = if higher_better { s / p } else { p / s };
         println!("   {name:<42} {s:>10.1}  {p:>10.1}  {slower:>5.2}x");
-        println!(
-            "RESULT backends measure={:?} sqlite={s:.2} postgres={p:.2} pg_slower_x={slower:.2}",
-            name
-        );
+        // Read by bench-workspace/benchmarks.sh.
+        println!("RESULT backend_{key} sqlite={s:.2} postgres={p:.2} pg_slower_x={slower:.2}");
     }
 
     // One replica against three, behind HAProxy.
@@ -564,7 +569,7 @@ async fn run() {
             polls / one.0,
             events / one.1
         );
-        println!("RESULT replicas n={n} polls_per_s={polls:.0} events_per_s={events:.0}");
+        println!("RESULT replicas_{n} polls_per_s={polls:.0} events_per_s={events:.0}");
     }
     for h in handles {
         h.shutdown();

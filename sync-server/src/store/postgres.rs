@@ -2261,7 +2261,20 @@ async fn held_plan_types<C: GenericClient>(
     found.iter().map(|r| text(r, 0, "flags")).collect()
 }
 
+/// A notification decided in the first pass of [`ingest_events`], queued in the second.
+struct Queued {
+    event_id: EventId,
+    council: CouncilCode,
+    plan_types: String,
+}
+
 /// Stores a batch in the caller's transaction. See [`Store::ingest_events`].
+///
+/// Two passes, so that concurrent batches overlap: the first stores the events, decides the
+/// notifications and updates recent contacts, taking no counter lock; the second takes the
+/// `notification_id` lock, then the `head_version` lock (always in that order, never the
+/// other), and writes the notifications, their audit entries and the contacts changes in a
+/// few set-based statements. The locks are held only for that second pass and the commit.
 async fn ingest_events<C: GenericClient>(
     c: &C,
     ingest: &EventIngest,
@@ -2290,8 +2303,9 @@ async fn ingest_events<C: GenericClient>(
         )
         .await?;
     }
-    // Taken at the first notification and held to commit (see the module doc).
-    let mut notification_id: Option<u64> = None;
+    let mut queued: Vec<Queued> = Vec::new();
+    // Subjects whose recent contacts changed, in the order they changed.
+    let mut changed: Vec<NhsNumber> = Vec::new();
     let mut outcomes = Vec::with_capacity(ingest.events.len());
     for ie in &ingest.events {
         let e = &ie.event;
@@ -2378,39 +2392,11 @@ async fn ingest_events<C: GenericClient>(
                 );
                 continue;
             };
-            let next = match notification_id {
-                Some(n) => n + 1,
-                None => lock_counter(c, "notification_id").await? + 1,
-            };
-            let queued = exec(
-                c,
-                "INSERT INTO notifications (id, event_id, council, plan_types, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                &[
-                    &(next as i64),
-                    &id,
-                    &council.as_str(),
-                    &plan_types_text(&types),
-                    &ms(at),
-                ],
-            )
-            .await?;
-            if queued > 0 {
-                notification_id = Some(next);
-                set_counter(c, "notification_id", next).await?;
-                audit(
-                    c,
-                    at,
-                    "notification_queued",
-                    Some(&e.event_id),
-                    Some(&device),
-                    Some(council),
-                    None,
-                )
-                .await?;
-            } else {
-                notification_id = Some(next - 1);
-            }
+            queued.push(Queued {
+                event_id: e.event_id,
+                council: council.clone(),
+                plan_types: plan_types_text(&types),
+            });
             notified.push(council.clone());
         }
         let mut contacts_changed = false;
@@ -2447,7 +2433,7 @@ async fn ingest_events<C: GenericClient>(
                 .await?
                 .is_some();
                 if contacts_changed {
-                    record_contacts_change(c, e.nhs_number, at).await?;
+                    changed.push(e.nhs_number);
                 }
             }
         }
@@ -2459,43 +2445,111 @@ async fn ingest_events<C: GenericClient>(
             contacts_changed,
         });
     }
+    queue_notifications(c, &queued, at, &device).await?;
+    record_contacts_changes(c, &changed, at).await?;
     Ok(outcomes)
 }
 
-/// Records that a subject's contacts changed: one change-log entry (the next version) per
-/// council holding a flag for it.
-async fn record_contacts_change<C: GenericClient>(
+/// Queues the notifications (one not already queued for its event and council), with ids
+/// taken under the `notification_id` lock, and audits each one queued.
+async fn queue_notifications<C: GenericClient>(
     c: &C,
-    nhs_number: NhsNumber,
-    now: DateTime<Utc>,
+    queued: &[Queued],
+    at: DateTime<Utc>,
+    device: &str,
 ) -> Result<(), StoreError> {
-    let holders = rows(
-        c,
-        "SELECT DISTINCT council FROM flags WHERE nhs_number = $1 ORDER BY council",
-        &[&nhs_value(nhs_number)],
-    )
-    .await?;
-    if holders.is_empty() {
+    if queued.is_empty() {
         return Ok(());
     }
-    let mut version = lock_counter(c, "head_version").await?;
-    for h in &holders {
-        let council: String = h.try_get(0)?;
-        version += 1;
-        exec(
-            c,
-            "INSERT INTO changes (version, council, nhs_number, plan_type, op, reason, \
-             recorded_at) VALUES ($1, $2, $3, '', $4, 'contacts', $5)",
-            &[
-                &(version as i64),
-                &council,
-                &nhs_value(nhs_number),
-                &OP_CONTACTS,
-                &ts(now),
-            ],
-        )
-        .await?;
+    let last = lock_counter(c, "notification_id").await?;
+    let ids: Vec<i64> = (1..=queued.len() as u64)
+        .map(|i| (last + i) as i64)
+        .collect();
+    let events: Vec<String> = queued.iter().map(|q| q.event_id.to_string()).collect();
+    let councils: Vec<&str> = queued.iter().map(|q| q.council.as_str()).collect();
+    let types: Vec<&str> = queued.iter().map(|q| q.plan_types.as_str()).collect();
+    // Ids of rows already queued (the same event sent again) are skipped: ids only need to
+    // grow in commit order, not to be gap-free.
+    let inserted = rows(
+        c,
+        "INSERT INTO notifications (id, event_id, council, plan_types, created_at) \
+         SELECT id, event_id, council, plan_types, $5 FROM unnest($1::bigint[], $2::text[], \
+         $3::text[], $4::text[]) AS q(id, event_id, council, plan_types) ORDER BY id \
+         ON CONFLICT DO NOTHING RETURNING event_id, council",
+        &[&ids, &events, &councils, &types, &ms(at)],
+    )
+    .await?;
+    set_counter(c, "notification_id", last + queued.len() as u64).await?;
+    if inserted.is_empty() {
+        return Ok(());
     }
-    set_counter(c, "head_version", version).await?;
+    let mut audited_events = Vec::with_capacity(inserted.len());
+    let mut audited_councils = Vec::with_capacity(inserted.len());
+    for r in &inserted {
+        audited_events.push(r.try_get::<_, String>(0)?);
+        audited_councils.push(r.try_get::<_, String>(1)?);
+    }
+    exec(
+        c,
+        "INSERT INTO audit_log (at, action, event_id, device, council) \
+         SELECT $1, 'notification_queued', event_id, $2, council \
+         FROM unnest($3::text[], $4::text[]) AS q(event_id, council)",
+        &[&ms(at), &device, &audited_events, &audited_councils],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records that these subjects' contacts changed: one change-log entry (the next version) per
+/// council holding a flag for each, in the order given, under the `head_version` lock.
+async fn record_contacts_changes<C: GenericClient>(
+    c: &C,
+    subjects: &[NhsNumber],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if subjects.is_empty() {
+        return Ok(());
+    }
+    // The lock first: an upload changing who flags these subjects holds it too, so the
+    // holders read next are those of every upload committed before this one's versions.
+    let head = lock_counter(c, "head_version").await?;
+    let values: Vec<i64> = subjects.iter().map(|n| nhs_value(*n)).collect();
+    let holders = rows(
+        c,
+        "SELECT DISTINCT nhs_number, council FROM flags WHERE nhs_number = ANY($1) \
+         ORDER BY nhs_number, council",
+        &[&values],
+    )
+    .await?;
+    let mut by_subject: HashMap<i64, Vec<String>> = HashMap::new();
+    for h in &holders {
+        by_subject
+            .entry(h.try_get(0)?)
+            .or_default()
+            .push(h.try_get(1)?);
+    }
+    let mut nhs_col = Vec::new();
+    let mut council_col = Vec::new();
+    for v in &values {
+        for council in by_subject.get(v).into_iter().flatten() {
+            nhs_col.push(*v);
+            council_col.push(council.clone());
+        }
+    }
+    if nhs_col.is_empty() {
+        return Ok(());
+    }
+    let versions: Vec<i64> = (1..=nhs_col.len() as u64)
+        .map(|i| (head + i) as i64)
+        .collect();
+    exec(
+        c,
+        "INSERT INTO changes (version, council, nhs_number, plan_type, op, reason, recorded_at) \
+         SELECT version, council, nhs_number, '', $4, 'contacts', $5 FROM unnest($1::bigint[], \
+         $2::text[], $3::bigint[]) AS q(version, council, nhs_number)",
+        &[&versions, &council_col, &nhs_col, &OP_CONTACTS, &ts(now)],
+    )
+    .await?;
+    set_counter(c, "head_version", head + nhs_col.len() as u64).await?;
     Ok(())
 }
