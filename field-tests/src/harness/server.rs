@@ -245,8 +245,15 @@ impl ServerProcess {
             async move { Ok(healthz(&http, &url).await.ok().map(|_| ())) }
         })
         .await?;
-        let line = process::find_after(&self.log, from, "metrics on http://")
-            .context("the server did not say where /metrics is")?;
+        // `serve` prints the line just after it starts answering: under load /healthz can
+        // answer first, so wait for the line too.
+        let log = self.log.clone();
+        let line = wait_until(&mut self.child, &self.log, "where /metrics is", || {
+            let found = process::find_after(&log, from, "metrics on http://");
+            async move { Ok(found) }
+        })
+        .await
+        .context("the server did not say where /metrics is")?;
         self.metrics = Some(
             line.trim_end_matches("/metrics")
                 .parse()
