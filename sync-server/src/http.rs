@@ -172,11 +172,7 @@ async fn ready<S: Store>(State(app): State<Arc<App<S>>>, req: Request, next: Nex
     if app.database.is_ready() {
         return next.run(req).await;
     }
-    let problem = app
-        .database
-        .problem()
-        .unwrap_or_else(|| "the server is starting".to_owned());
-    ApiError::database_unavailable(&problem).into_response()
+    ApiError::database_unavailable(&app.database.why_not_ready()).into_response()
 }
 
 /// Ends a request not answered within `request_timeout_secs` with `408`: a client that

@@ -380,9 +380,13 @@ impl DatabaseState {
         }
     }
 
-    /// Why the server is not ready yet (`None` when it is, or has not tried).
-    pub fn problem(&self) -> Option<String> {
-        self.problem.lock().ok().and_then(|p| p.clone())
+    /// Why the server is not serving yet, in words (`/healthz`, the 503 of every route).
+    pub fn why_not_ready(&self) -> String {
+        self.problem
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .unwrap_or_else(|| "the server is starting".to_owned())
     }
 }
 

@@ -16,11 +16,10 @@ use crate::store::Store;
 /// load balancer then sends requests to the other replicas).
 pub(crate) async fn healthz<S: Store>(State(app): State<Arc<App<S>>>) -> Response {
     if !app.database.is_ready() {
-        let problem = app
-            .database
-            .problem()
-            .unwrap_or_else(|| "the server is starting".to_owned());
-        return unhealthy(&format!("not serving yet: {problem}"));
+        return unhealthy(&format!(
+            "not serving yet: {}",
+            app.database.why_not_ready()
+        ));
     }
     match app.store.head_version().await {
         Ok(v) => {
