@@ -17,7 +17,7 @@
 //! (answered 503, retried by clients); nothing is retried here, because every write is
 //! idempotent from the caller's side (events by id, uploads as whole lists).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
@@ -50,7 +50,10 @@ use super::{
 use crate::{ingest, reconcile};
 
 /// The schema, one entry per migration; `schema_migrations` records the applied ones.
-const MIGRATIONS: &[&str] = &[include_str!("postgres/schema.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("postgres/schema.sql"),
+    include_str!("postgres/002-flags-council-checked-by-upload.sql"),
+];
 
 /// Any number serving the advisory lock that serialises migrations across replicas.
 const MIGRATION_LOCK: i64 = 0x4350_4953_4d49_4752; // "CPISMIGR"
@@ -363,38 +366,37 @@ async fn scope_codes<C: GenericClient>(
         .collect()
 }
 
+/// A region's head in one statement (so one snapshot, even outside a transaction: a poll
+/// costs one round trip).
 async fn region_head<C: GenericClient>(
     c: &C,
     region: &RegionId,
 ) -> Result<Option<RegionHead>, StoreError> {
-    let Some(row) = row_opt(
-        c,
-        "SELECT epoch FROM regions WHERE id = $1",
-        &[&region.as_str()],
-    )
-    .await?
-    else {
-        return Ok(None);
-    };
-    let epoch: i64 = row.try_get(0)?;
     let found = rows(
         c,
-        &format!(
-            "SELECT {COUNCIL_COLS}, log_floor, (SELECT max(version) FROM changes \
-             WHERE changes.council = councils.code) FROM councils \
-             WHERE region = $1 OR code IN (SELECT council FROM region_neighbours \
-             WHERE region = $1) ORDER BY code"
-        ),
+        "SELECT r.epoch, c.code, c.name, c.region, c.emergency_phone, c.office_phone, \
+         c.log_floor, (SELECT max(version) FROM changes WHERE changes.council = c.code) \
+         FROM regions r LEFT JOIN councils c ON c.region = r.id OR c.code IN \
+         (SELECT council FROM region_neighbours n WHERE n.region = r.id) \
+         WHERE r.id = $1 ORDER BY c.code",
         &[&region.as_str()],
     )
     .await?;
+    let Some(first) = found.first() else {
+        return Ok(None);
+    };
+    let epoch: i64 = first.try_get(0)?;
     let mut councils = Vec::with_capacity(found.len());
     let mut floor = 0u64;
     let mut newest = 0u64;
     for row in &found {
-        councils.push(council_from_row(row, 0)?);
-        floor = floor.max(row.try_get::<_, i64>(5)? as u64);
-        newest = newest.max(row.try_get::<_, Option<i64>>(6)?.unwrap_or(0) as u64);
+        // A region without councils: one row, its council columns null.
+        if row.try_get::<_, Option<&str>>(1)?.is_none() {
+            continue;
+        }
+        councils.push(council_from_row(row, 1)?);
+        floor = floor.max(row.try_get::<_, i64>(6)? as u64);
+        newest = newest.max(row.try_get::<_, Option<i64>>(7)?.unwrap_or(0) as u64);
     }
     Ok(Some(RegionHead {
         region: region.clone(),
@@ -483,7 +485,8 @@ async fn record_changes<C: GenericClient>(
         // Reconcile and purge give at most one change per flag; `DISTINCT ON` only keeps
         // one statement from proposing a row twice, which PostgreSQL refuses.
         let ops = &cols.op;
-        exec(
+        if ops.contains(&OP_REMOVE) {
+            exec(
             c,
             "DELETE FROM flags f USING unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) \
              AS r(council, nhs_number, plan_type, op) WHERE r.op = 'remove' \
@@ -492,6 +495,7 @@ async fn record_changes<C: GenericClient>(
             &[&cols.council, &cols.nhs_number, &cols.plan_type, ops],
         )
         .await?;
+        }
         exec(
             c,
             &format!(
@@ -1345,11 +1349,7 @@ impl Store for PostgresStore {
     }
 
     async fn region_head(&self, region: RegionId) -> Result<Option<RegionHead>, StoreError> {
-        let c = self.client().await?;
-        consistent_read!(c, tx);
-        let head = region_head(&tx, &region).await?;
-        tx.commit().await?;
-        Ok(head)
+        region_head(&self.client().await?, &region).await
     }
 
     async fn region_snapshot(
@@ -2244,21 +2244,70 @@ fn attempt_from_row(row: &Row) -> Result<UploadAttempt, StoreError> {
     })
 }
 
-/// The plan types a council holds, or held within the change log, for a subject.
+/// The plan types each council holds, or held within the change log, for each subject, for
+/// the (subject, council) pairs given; a pair that holds none is absent.
 async fn held_plan_types<C: GenericClient>(
     c: &C,
-    council: &CouncilCode,
-    nhs_number: NhsNumber,
-) -> Result<BTreeSet<PlanType>, StoreError> {
+    pairs: &BTreeSet<(i64, String)>,
+) -> Result<HashMap<(i64, String), BTreeSet<PlanType>>, StoreError> {
+    let mut held: HashMap<(i64, String), BTreeSet<PlanType>> = HashMap::new();
+    if pairs.is_empty() {
+        return Ok(held);
+    }
+    let subjects: Vec<i64> = pairs.iter().map(|(n, _)| *n).collect();
+    let councils: Vec<&str> = pairs.iter().map(|(_, c)| c.as_str()).collect();
     let found = rows(
         c,
-        "SELECT plan_type FROM flags WHERE nhs_number = $1 AND council = $2 \
-         UNION SELECT plan_type FROM changes WHERE nhs_number = $1 AND council = $2 \
-         AND op IN ('upsert', 'remove')",
-        &[&nhs_value(nhs_number), &council.as_str()],
+        "SELECT q.nhs_number, q.council, h.plan_type \
+         FROM unnest($1::bigint[], $2::text[]) AS q(nhs_number, council), LATERAL (\
+         SELECT plan_type FROM flags f WHERE f.nhs_number = q.nhs_number AND f.council = q.council \
+         UNION SELECT plan_type FROM changes g WHERE g.nhs_number = q.nhs_number \
+         AND g.council = q.council AND g.op IN ('upsert', 'remove')) h",
+        &[&subjects, &councils],
     )
     .await?;
-    found.iter().map(|r| text(r, 0, "flags")).collect()
+    for r in &found {
+        held.entry((r.try_get(0)?, r.try_get(1)?))
+            .or_default()
+            .insert(text(r, 2, "flags")?);
+    }
+    Ok(held)
+}
+
+/// Audit entries of one ingest's first pass, written together in the order pushed.
+#[derive(Default)]
+struct AuditRows {
+    actions: Vec<&'static str>,
+    events: Vec<Option<String>>,
+    details: Vec<Option<String>>,
+}
+
+impl AuditRows {
+    fn push(&mut self, action: &'static str, event: Option<&EventId>, detail: Option<String>) {
+        self.actions.push(action);
+        self.events.push(event.map(ToString::to_string));
+        self.details.push(detail);
+    }
+
+    async fn write<C: GenericClient>(
+        &self,
+        c: &C,
+        at: DateTime<Utc>,
+        device: &str,
+    ) -> Result<(), StoreError> {
+        if self.actions.is_empty() {
+            return Ok(());
+        }
+        exec(
+            c,
+            "INSERT INTO audit_log (at, action, event_id, device, detail) \
+             SELECT $1, action, event_id, $2, detail FROM unnest($3::text[], $4::text[], \
+             $5::text[]) WITH ORDINALITY AS q(action, event_id, detail, n) ORDER BY n",
+            &[&ms(at), &device, &self.actions, &self.events, &self.details],
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 /// A notification decided in the first pass of [`ingest_events`], queued in the second.
@@ -2270,11 +2319,16 @@ struct Queued {
 
 /// Stores a batch in the caller's transaction. See [`Store::ingest_events`].
 ///
-/// Two passes, so that concurrent batches overlap: the first stores the events, decides the
-/// notifications and updates recent contacts, taking no counter lock; the second takes the
-/// `notification_id` lock, then the `head_version` lock (always in that order, never the
-/// other), and writes the notifications, their audit entries and the contacts changes in a
-/// few set-based statements. The locks are held only for that second pass and the commit.
+/// Set-based, in two passes, so that a batch costs a dozen statements whatever its size and
+/// concurrent batches overlap. The first pass takes no counter lock: it stores the events
+/// (one statement; an id already stored, or repeated within the batch, counts as sent again
+/// from its second occurrence on), reads the stored bodies of repeats, reads the plan types
+/// held by every (subject, council) pair a flagged event names, writes the audit entries,
+/// and updates recent contacts. The second takes the `notification_id` lock, then the
+/// `head_version` lock (always in that order, never the other), and writes the
+/// notifications, their audit entries and the contacts changes. The locks are held only for
+/// that second pass and the commit. The outcomes are those of storing the events one by one
+/// in batch order, as the SQLite backend does.
 async fn ingest_events<C: GenericClient>(
     c: &C,
     ingest: &EventIngest,
@@ -2291,67 +2345,62 @@ async fn ingest_events<C: GenericClient>(
         Some(r) => r.try_get(0)?,
         None => ingest.trust.to_string(),
     };
+    let mut audits = AuditRows::default();
     for r in &ingest.refused {
-        audit(
-            c,
-            at,
+        audits.push(
             "event_refused",
             r.event_id.as_ref(),
-            Some(&device),
-            None,
-            Some(&format!("{}: {}", r.code, r.detail)),
-        )
-        .await?;
+            Some(format!("{}: {}", r.code, r.detail)),
+        );
     }
-    let mut queued: Vec<Queued> = Vec::new();
-    // Subjects whose recent contacts changed, in the order they changed.
-    let mut changed: Vec<NhsNumber> = Vec::new();
-    let mut outcomes = Vec::with_capacity(ingest.events.len());
-    for ie in &ingest.events {
-        let e = &ie.event;
-        let id = e.event_id.to_string();
-        let nhs = nhs_value(e.nhs_number);
-        let inserted = exec(
+    let ids: Vec<String> = ingest
+        .events
+        .iter()
+        .map(|ie| ie.event.event_id.to_string())
+        .collect();
+    let mut fresh = store_events(c, ingest, &ids, &device, &trust_name).await?;
+    // An id is new at its first occurrence only (`remove` returns true once).
+    let new: Vec<bool> = ids.iter().map(|id| fresh.remove(id)).collect();
+    let repeats: Vec<&str> = ids
+        .iter()
+        .zip(&new)
+        .filter(|(_, new)| !**new)
+        .map(|(id, _)| id.as_str())
+        .collect();
+    let mut stored: HashMap<String, String> = HashMap::new();
+    if !repeats.is_empty() {
+        for r in rows(
             c,
-            "INSERT INTO events (event_id, device, trust, trust_name, nhs_number, result, \
-             accessed_at, received_at, source, body, clock_suspect) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
-            &[
-                &id,
-                &device,
-                &ingest.trust.as_str(),
-                &trust_name,
-                &nhs,
-                &e.result.as_str(),
-                &ms(e.accessed_at),
-                &ms(at),
-                &ingest.source.as_str(),
-                &ie.body,
-                &ie.clock_suspect,
-            ],
+            "SELECT event_id, body FROM events WHERE event_id = ANY($1)",
+            &[&repeats],
         )
-        .await?;
-        let new = inserted > 0;
-        let mut conflict = false;
+        .await?
+        {
+            stored.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+    }
+    let mut outcomes = Vec::with_capacity(ingest.events.len());
+    for ((ie, id), new) in ingest.events.iter().zip(&ids).zip(new) {
+        let e = &ie.event;
+        let mut outcome = IngestOutcome {
+            event_id: e.event_id,
+            new,
+            conflict: false,
+            notified: Vec::new(),
+            contacts_changed: false,
+        };
         if new {
-            audit(
-                c,
-                at,
+            audits.push(
                 "event_stored",
                 Some(&e.event_id),
-                Some(&device),
-                None,
-                Some(ingest.source.as_str()),
-            )
-            .await?;
+                Some(ingest.source.as_str().to_owned()),
+            );
         } else {
-            let before: String = rows(c, "SELECT body FROM events WHERE event_id = $1", &[&id])
-                .await?
-                .first()
-                .ok_or_else(|| corrupt("events", format!("event {id} vanished")))?
-                .try_get(0)?;
-            let repeat = ingest::repeated(&before, &ie.body, ingest.source);
-            conflict = repeat.conflict;
+            let before = stored
+                .get(id)
+                .ok_or_else(|| corrupt("events", format!("event {id} vanished")))?;
+            let repeat = ingest::repeated(before, &ie.body, ingest.source);
+            outcome.conflict = repeat.conflict;
             if repeat.audit == Some("event_resent_different") {
                 tracing::warn!(
                     event = %e.event_id, device = %ingest.device,
@@ -2359,32 +2408,41 @@ async fn ingest_events<C: GenericClient>(
                 );
             }
             if let Some(action) = repeat.audit {
-                audit(
-                    c,
-                    at,
-                    action,
-                    Some(&e.event_id),
-                    Some(&device),
-                    None,
-                    Some(&ie.body),
-                )
-                .await?;
+                audits.push(action, Some(&e.event_id), Some(ie.body.clone()));
             }
             if !repeat.notify {
-                outcomes.push(IngestOutcome {
-                    event_id: e.event_id,
-                    new,
-                    conflict,
-                    notified: Vec::new(),
-                    contacts_changed: false,
-                });
+                outcomes.push((outcome, false));
                 continue;
             }
         }
-        let mut notified = Vec::new();
+        outcomes.push((outcome, true));
+    }
+    // Who each notifying event would tell, and what they held for its subject.
+    let pairs: BTreeSet<(i64, String)> = ingest
+        .events
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, (_, notifies))| *notifies)
+        .flat_map(|(ie, _)| {
+            let nhs = nhs_value(ie.event.nhs_number);
+            ingest::councils_to_notify(&ie.event)
+                .into_iter()
+                .map(move |council| (nhs, council.to_string()))
+        })
+        .collect();
+    let held = held_plan_types(c, &pairs).await?;
+    let none = BTreeSet::new();
+    let mut queued: Vec<Queued> = Vec::new();
+    let mut contacts: Vec<NewContact<'_>> = Vec::new();
+    for (i, (ie, (outcome, notifies))) in ingest.events.iter().zip(&mut outcomes).enumerate() {
+        if !*notifies {
+            continue;
+        }
+        let e = &ie.event;
+        let nhs = nhs_value(e.nhs_number);
         for council in ingest::councils_to_notify(e) {
-            let held = held_plan_types(c, council, e.nhs_number).await?;
-            let Some(types) = ingest::notified_plan_types(&e.plan_types, &held) else {
+            let held = held.get(&(nhs, council.to_string())).unwrap_or(&none);
+            let Some(types) = ingest::notified_plan_types(&e.plan_types, held) else {
                 tracing::warn!(
                     event = %e.event_id, %council,
                     "flagged event names a council that holds no flag for the subject; \
@@ -2397,57 +2455,182 @@ async fn ingest_events<C: GenericClient>(
                 council: council.clone(),
                 plan_types: plan_types_text(&types),
             });
-            notified.push(council.clone());
+            outcome.notified.push(council.clone());
         }
-        let mut contacts_changed = false;
-        if !notified.is_empty() {
-            let when = ingest::contact_time(e, ie.clock_suspect, at);
-            let added = exec(
-                c,
-                "INSERT INTO contacts (nhs_number, event_id, accessed_at, trust, trust_name, \
-                 setting) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                &[
-                    &nhs,
-                    &id,
-                    &ms(when),
-                    &ingest.trust.as_str(),
-                    &trust_name,
-                    &setting_text(e.setting),
-                ],
-            )
-            .await?;
-            if added > 0 {
-                exec(
-                    c,
-                    "DELETE FROM contacts WHERE nhs_number = $1 AND event_id NOT IN (SELECT \
-                     event_id FROM contacts WHERE nhs_number = $1 \
-                     ORDER BY accessed_at DESC, event_id DESC LIMIT $2)",
-                    &[&nhs, &(MAX_RECENT_CONTACTS as i64)],
-                )
-                .await?;
-                contacts_changed = row_opt(
-                    c,
-                    "SELECT 1 FROM contacts WHERE nhs_number = $1 AND event_id = $2",
-                    &[&nhs, &id],
-                )
-                .await?
-                .is_some();
-                if contacts_changed {
-                    changed.push(e.nhs_number);
-                }
-            }
+        if !outcome.notified.is_empty() {
+            contacts.push(NewContact {
+                at: i,
+                nhs_number: nhs,
+                event_id: &ids[i],
+                accessed_at: ms(ingest::contact_time(e, ie.clock_suspect, at)),
+                setting: setting_text(e.setting),
+            });
         }
-        outcomes.push(IngestOutcome {
-            event_id: e.event_id,
-            new,
-            conflict,
-            notified,
-            contacts_changed,
-        });
+    }
+    audits.write(c, at, &device).await?;
+    let mut outcomes: Vec<IngestOutcome> = outcomes.into_iter().map(|(o, _)| o).collect();
+    let kept = add_contacts(c, &contacts, ingest.trust.as_str(), &trust_name).await?;
+    // Subjects whose recent contacts changed, in the order they changed.
+    let mut changed: Vec<NhsNumber> = Vec::new();
+    for place in kept {
+        outcomes[place].contacts_changed = true;
+        changed.push(ingest.events[place].event.nhs_number);
     }
     queue_notifications(c, &queued, at, &device).await?;
     record_contacts_changes(c, &changed, at).await?;
     Ok(outcomes)
+}
+
+/// Inserts the batch's events in one statement, skipping ids already stored; returns the
+/// ids inserted.
+async fn store_events<C: GenericClient>(
+    c: &C,
+    ingest: &EventIngest,
+    ids: &[String],
+    device: &str,
+    trust_name: &str,
+) -> Result<HashSet<String>, StoreError> {
+    let mut subjects = Vec::with_capacity(ids.len());
+    let mut results = Vec::with_capacity(ids.len());
+    let mut accessed = Vec::with_capacity(ids.len());
+    let mut bodies = Vec::with_capacity(ids.len());
+    let mut suspect = Vec::with_capacity(ids.len());
+    for ie in &ingest.events {
+        subjects.push(nhs_value(ie.event.nhs_number));
+        results.push(ie.event.result.as_str());
+        accessed.push(ms(ie.event.accessed_at));
+        bodies.push(ie.body.as_str());
+        suspect.push(ie.clock_suspect);
+    }
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let inserted = rows(
+        c,
+        "INSERT INTO events (event_id, device, trust, trust_name, nhs_number, result, \
+         accessed_at, received_at, source, body, clock_suspect) \
+         SELECT event_id, $1, $2, $3, nhs_number, result, accessed_at, $4, $5, body, \
+         clock_suspect FROM unnest($6::text[], $7::bigint[], $8::text[], $9::bigint[], \
+         $10::text[], $11::bool[]) WITH ORDINALITY \
+         AS q(event_id, nhs_number, result, accessed_at, body, clock_suspect, n) ORDER BY n \
+         ON CONFLICT DO NOTHING RETURNING event_id",
+        &[
+            &device,
+            &ingest.trust.as_str(),
+            &trust_name,
+            &ms(ingest.received_at),
+            &ingest.source.as_str(),
+            &ids,
+            &subjects,
+            &results,
+            &accessed,
+            &bodies,
+            &suspect,
+        ],
+    )
+    .await?;
+    inserted.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+/// A notified access to record as its subject's recent contact.
+struct NewContact<'a> {
+    /// The event's place in the batch.
+    at: usize,
+    nhs_number: i64,
+    event_id: &'a str,
+    accessed_at: i64,
+    setting: &'static str,
+}
+
+/// Adds the contacts (each not already recorded) and keeps the newest
+/// `MAX_RECENT_CONTACTS` of each subject. Returns the batch places of the events whose
+/// contact was added and is still kept right after its own addition, in batch order: what
+/// adding them one by one, trimming after each, would report.
+async fn add_contacts<C: GenericClient>(
+    c: &C,
+    contacts: &[NewContact<'_>],
+    trust: &str,
+    trust_name: &str,
+) -> Result<Vec<usize>, StoreError> {
+    if contacts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let subjects: Vec<i64> = contacts
+        .iter()
+        .map(|n| n.nhs_number)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // Each subject's kept contacts before this batch, newest first.
+    let mut recent: HashMap<i64, Vec<(i64, String)>> = HashMap::new();
+    for r in rows(
+        c,
+        "SELECT nhs_number, accessed_at, event_id FROM (SELECT nhs_number, accessed_at, \
+         event_id, row_number() OVER (PARTITION BY nhs_number \
+         ORDER BY accessed_at DESC, event_id DESC) AS n FROM contacts \
+         WHERE nhs_number = ANY($1)) recent WHERE n <= $2",
+        &[&subjects, &(MAX_RECENT_CONTACTS as i64)],
+    )
+    .await?
+    {
+        recent
+            .entry(r.try_get(0)?)
+            .or_default()
+            .push((r.try_get(1)?, r.try_get(2)?));
+    }
+    let nhs_col: Vec<i64> = contacts.iter().map(|n| n.nhs_number).collect();
+    let id_col: Vec<&str> = contacts.iter().map(|n| n.event_id).collect();
+    let at_col: Vec<i64> = contacts.iter().map(|n| n.accessed_at).collect();
+    let setting_col: Vec<&str> = contacts.iter().map(|n| n.setting).collect();
+    let mut added: HashSet<(i64, String)> = rows(
+        c,
+        "INSERT INTO contacts (nhs_number, event_id, accessed_at, trust, trust_name, setting) \
+         SELECT nhs_number, event_id, accessed_at, $1, $2, setting FROM unnest($3::bigint[], \
+         $4::text[], $5::bigint[], $6::text[]) WITH ORDINALITY \
+         AS q(nhs_number, event_id, accessed_at, setting, n) ORDER BY n \
+         ON CONFLICT DO NOTHING RETURNING nhs_number, event_id",
+        &[
+            &trust,
+            &trust_name,
+            &nhs_col,
+            &id_col,
+            &at_col,
+            &setting_col,
+        ],
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .collect::<Result<_, StoreError>>()?;
+    if added.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut kept = Vec::new();
+    for n in contacts {
+        // Added at its first occurrence only.
+        if !added.remove(&(n.nhs_number, n.event_id.to_owned())) {
+            continue;
+        }
+        let list = recent.entry(n.nhs_number).or_default();
+        list.push((n.accessed_at, n.event_id.to_owned()));
+        // Newest first, as `contacts_recent` orders them (event ids compare as "C" text).
+        list.sort_by(|a, b| b.cmp(a));
+        list.truncate(MAX_RECENT_CONTACTS);
+        if list.iter().any(|(_, id)| id == n.event_id) {
+            kept.push(n.at);
+        }
+    }
+    exec(
+        c,
+        "DELETE FROM contacts c USING (SELECT nhs_number, event_id, row_number() OVER \
+         (PARTITION BY nhs_number ORDER BY accessed_at DESC, event_id DESC) AS n \
+         FROM contacts WHERE nhs_number = ANY($1)) ranked \
+         WHERE c.nhs_number = ranked.nhs_number AND c.event_id = ranked.event_id \
+         AND ranked.n > $2",
+        &[&subjects, &(MAX_RECENT_CONTACTS as i64)],
+    )
+    .await?;
+    Ok(kept)
 }
 
 /// Queues the notifications (one not already queued for its event and council), with ids

@@ -279,6 +279,120 @@ async fn recent_contacts_keep_the_newest_25_and_travel_with_each_notice() {
     env.stop().await;
 }
 
+/// One batch is judged exactly as if its events had come one by one, in batch order: a
+/// repeated id is new only at its first occurrence, and a contact counts as changed only when
+/// it is still among the newest 25 right after its own addition. (The PostgreSQL backend
+/// stores a batch in a few set-based statements; the conformance pass runs this on both.)
+#[tokio::test]
+async fn a_batch_is_judged_as_if_its_events_came_one_by_one() {
+    use cpis_sync_server::store::{EventIngest, EventSource, IngestEvent};
+    let (env, _, _, _) = flagged_env().await;
+    let d = env.enrol(EM).await;
+    let day = |n: i64| t0() - Duration::days(n);
+    // 23 contacts already kept: 10 to 32 days ago.
+    let before: Vec<_> = (10..33)
+        .map(|n| d.event(1, day(n), &[LEICS], &[Cpp]))
+        .collect();
+    d.send_events(&env, &before).await;
+    let head = env.store().head_version().await.unwrap();
+
+    let flagged = |n| d.event(1, day(n), &[LEICS], &[Cpp]);
+    let (a, b, c, e, f) = (
+        flagged(40),
+        flagged(1),
+        flagged(50),
+        flagged(2),
+        flagged(45),
+    );
+    let mut a_changed = a.clone();
+    a_changed.incident_ref = Some("INC-2".into());
+    let batch = [
+        a.clone(), // 24 kept: kept
+        b.clone(), // 25 kept: kept
+        c,         // the oldest of 26: dropped at once
+        e,         // pushes out a (40 days): kept
+        b.clone(), // the same event again: not new, no notice, no contact
+        f,         // older than all 25 kept: dropped at once
+        a_changed, // a again with other content: the first stands
+    ];
+    let outcomes = env
+        .store()
+        .ingest_events(EventIngest {
+            device: d.enrolment.device_id,
+            trust: d.enrolment.trust.clone(),
+            source: EventSource::Upload,
+            received_at: t0(),
+            events: batch
+                .iter()
+                .map(|e| IngestEvent::new(e.clone(), t0()).unwrap())
+                .collect(),
+            refused: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let judged: Vec<_> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o.new,
+                o.conflict,
+                !o.notified.is_empty(),
+                o.contacts_changed,
+            )
+        })
+        .collect();
+    assert_eq!(
+        judged,
+        [
+            (true, false, true, true),
+            (true, false, true, true),
+            (true, false, true, false),
+            (true, false, true, true),
+            (false, false, false, false),
+            (true, false, true, false),
+            (false, true, false, false),
+        ],
+        "(new, conflict, notified, contacts changed) per event"
+    );
+    // Three contacts changes, each one version per council holding subject 1 (two).
+    assert_eq!(env.store().head_version().await.unwrap(), head + 6);
+    let dates: Vec<_> = env
+        .store()
+        .recent_contacts(nhs(1))
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.date)
+        .collect();
+    let expected: Vec<_> = [1, 2]
+        .into_iter()
+        .chain(10..33)
+        .map(|n| day(n).date_naive())
+        .collect();
+    assert_eq!(dates, expected);
+    // One batch's entries share one time; their order among themselves is the backend's.
+    let actions: BTreeSet<String> = env
+        .store()
+        .audit_entries(a.event_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        actions,
+        BTreeSet::from(
+            [
+                "event_stored",
+                "event_resent_different",
+                "notification_queued"
+            ]
+            .map(String::from)
+        )
+    );
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn online_confirmation_answers_nationally_and_records_the_access() {
     let (env, _, _, lancs) = flagged_env().await;
