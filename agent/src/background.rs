@@ -6,10 +6,16 @@
 //! self-shred is checked at every wake-up and at least every `housekeeping` interval. The
 //! loop stops at once when its cancellation token is cancelled.
 //!
+//! While the schedule says so ([`Schedule::should_watch`]: after a successful attempt), the
+//! loop also holds the live feed's waiting checkpoint request ([`Worker::watch`]); how it
+//! ends goes back to the schedule, which brings the next attempt forward when the region's
+//! head moved.
+//!
 //! The driver ([`drive`]) is generic over a [`Worker`], so the loop is tested with paused
 //! tokio time and a worker that fails on demand, without a network.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +28,7 @@ use cpis_protocol::local::SyncResponse;
 
 use crate::agent::{Agent, AgentError};
 use crate::net::NetError;
-use crate::schedule::{Action, Input, Schedule, ScheduleConfig};
+use crate::schedule::{Action, Input, Schedule, ScheduleConfig, WatchEnd};
 
 /// How one attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +46,9 @@ pub enum Outcome {
 pub trait Worker: Send {
     /// One attempt.
     fn attempt(&mut self) -> impl Future<Output = Outcome> + Send;
+    /// Holds the live feed's waiting checkpoint request until the region's head moves past
+    /// the data held, or the server answers it unchanged, or it fails.
+    fn watch(&mut self) -> impl Future<Output = WatchEnd> + Send + 'static;
     /// Crypto-shred the device (revoked).
     fn wipe(&mut self);
     /// Periodic checks (the wipe age).
@@ -110,6 +119,9 @@ impl Default for LoopConfig {
     }
 }
 
+/// A waiting checkpoint request being held.
+type HeldWait = Pin<Box<dyn Future<Output = WatchEnd> + Send>>;
+
 /// Runs the loop until `cancel` is cancelled or the device is wiped.
 pub async fn drive<W: Worker>(
     cfg: LoopConfig,
@@ -122,6 +134,8 @@ pub async fn drive<W: Worker>(
     let mut last_error: Option<String> = None;
     let mut next_housekeeping = Instant::now();
     let mut rx_open = true;
+    // The waiting request held, and when it started.
+    let mut watching: Option<(Instant, HeldWait)> = None;
     loop {
         if Instant::now() >= next_housekeeping {
             worker.housekeeping();
@@ -140,9 +154,32 @@ pub async fn drive<W: Worker>(
                     last_error.as_deref(),
                     Some(at),
                 );
-                let wake = at.min(next_housekeeping);
+                let now = Instant::now();
+                if watching.is_none() && sched.should_watch(now) {
+                    watching = Some((now, Box::pin(worker.watch())));
+                }
+                let mut wake = at.min(next_housekeeping);
+                if watching.is_none()
+                    && let Some(resume) = sched.watch_resumes_at()
+                {
+                    wake = wake.min(resume);
+                }
+                let held = async {
+                    match watching.as_mut() {
+                        Some((_, w)) => w.await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = cancel.cancelled() => return,
+                    end = held => {
+                        let started = watching.take().map_or(Instant::now(), |(s, _)| s);
+                        let end = match end {
+                            WatchEnd::Unchanged { .. } => WatchEnd::Unchanged { held: started.elapsed() },
+                            other => other,
+                        };
+                        sched.on(Input::Watched(end), Instant::now());
+                    }
                     () = tokio::time::sleep_until(wake) => sched.on(Input::TimerFired, Instant::now()),
                     req = rx.recv(), if rx_open => match req {
                         Some(Request::Trigger(i)) => sched.on(i, Instant::now()),
@@ -155,6 +192,8 @@ pub async fn drive<W: Worker>(
                 }
             }
             Action::StartAttempt => {
+                // The attempt reads the checkpoint itself.
+                watching = None;
                 let current = std::mem::take(&mut waiting);
                 let outcome = {
                     let attempt = worker.attempt();
@@ -204,15 +243,112 @@ pub async fn drive<W: Worker>(
     }
 }
 
-/// The production worker: syncs the agent, renews its certificate when due.
+/// How long the tablet asks the server to hold its waiting checkpoint request: under the
+/// client's 30 s read timeout and the idle cut-off of most proxies.
+pub const LIVE_WAIT: Duration = Duration::from_secs(25);
+
+/// The production worker: syncs the agent, renews its certificate when due, holds the
+/// live feed's waiting request.
 #[derive(Debug)]
 pub struct AgentWorker {
     agent: Arc<Agent>,
+    live: LiveFeed,
 }
 
 impl AgentWorker {
     pub fn new(agent: Arc<Agent>) -> Self {
-        Self { agent }
+        Self {
+            live: LiveFeed::new(agent.clone()),
+            agent,
+        }
+    }
+}
+
+/// One agent's waiting checkpoint requests (what [`AgentWorker`] does for
+/// [`Worker::watch`]), with one client kept between them: one TLS connection, not a
+/// handshake per wait.
+#[derive(Debug)]
+pub struct LiveFeed {
+    agent: Arc<Agent>,
+    client: Option<crate::net::DeviceClient>,
+}
+
+impl LiveFeed {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Self {
+            agent,
+            client: None,
+        }
+    }
+
+    /// Forgets the client: call at each attempt, which may renew the device's identity.
+    pub fn reset(&mut self) {
+        self.client = None;
+    }
+
+    /// Holds one waiting request (see [`Worker::watch`]).
+    pub fn watch(&mut self) -> impl Future<Output = WatchEnd> + Send + 'static {
+        let agent = self.agent.clone();
+        let client = match self.client.clone() {
+            Some(c) => Ok(c),
+            None => crate::sync::device_client(&agent),
+        };
+        if let Ok(c) = &client {
+            self.client = Some(c.clone());
+        }
+        async move {
+            match client {
+                Ok(client) => watch_once(agent, client).await,
+                Err(_) => WatchEnd::Unavailable,
+            }
+        }
+    }
+}
+
+/// One waiting checkpoint request: what the tablet holds against the checkpoint the server
+/// answers with, verified (and recorded: an unchanged head verified now keeps the data fresh).
+async fn watch_once(agent: Arc<Agent>, client: crate::net::DeviceClient) -> WatchEnd {
+    let held = match agent.state() {
+        Ok(st) => st.data,
+        Err(_) => return WatchEnd::Unavailable,
+    };
+    // Nothing installed yet: the attempts take the snapshot; nothing to wait on.
+    let Some((epoch, version)) = held else {
+        return WatchEnd::Unavailable;
+    };
+    match client.wait_for_head(epoch, version, LIVE_WAIT).await {
+        Ok(signed) => {
+            let verified =
+                tokio::task::spawn_blocking(move || agent.accept_checkpoint(&signed)).await;
+            match verified {
+                Ok(Ok(cp)) => {
+                    let cp = cp.checkpoint();
+                    if (cp.epoch, cp.head_version) == (epoch, version) {
+                        WatchEnd::Unchanged {
+                            held: Duration::ZERO,
+                        }
+                    } else {
+                        WatchEnd::Moved
+                    }
+                }
+                // Not verified (a key rollover, a clock problem): the attempt deals with it
+                // and says why.
+                Ok(Err(e)) => {
+                    tracing::warn!("live feed answer not accepted ({e}); syncing");
+                    WatchEnd::Moved
+                }
+                Err(e) => {
+                    tracing::warn!("live feed answer not checked: {e}");
+                    WatchEnd::Failed { retry_after: None }
+                }
+            }
+        }
+        Err(NetError::Server { status: 404, .. }) => WatchEnd::Unavailable,
+        // The attempt hears it too, and retires the device.
+        Err(NetError::Revoked(_)) => WatchEnd::Moved,
+        Err(e) => WatchEnd::Failed {
+            retry_after: e.retry_after(),
+        },
     }
 }
 
@@ -244,7 +380,12 @@ impl Outcome {
 }
 
 impl Worker for AgentWorker {
+    fn watch(&mut self) -> impl Future<Output = WatchEnd> + Send + 'static {
+        self.live.watch()
+    }
+
     fn attempt(&mut self) -> impl Future<Output = Outcome> + Send {
+        self.live.reset();
         let agent = self.agent.clone();
         async move {
             let r = crate::sync::sync_feed_and_events(&agent, &|_, _| {}).await;
@@ -325,6 +466,9 @@ mod tests {
     #[derive(Default)]
     struct Log {
         attempts: Vec<Instant>,
+        watches: Vec<Instant>,
+        /// How the next waiting requests end, and after how long.
+        watch_script: std::collections::VecDeque<(Duration, WatchEnd)>,
         wiped: bool,
         housekeeping: u32,
         last_failures: u32,
@@ -364,6 +508,21 @@ mod tests {
             async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 o
+            }
+        }
+        fn watch(&mut self) -> impl Future<Output = WatchEnd> + Send + 'static {
+            let mut l = self.log.lock().unwrap();
+            l.watches.push(Instant::now());
+            let end = l.watch_script.pop_front();
+            async move {
+                match end {
+                    Some((after, end)) => {
+                        tokio::time::sleep(after).await;
+                        end
+                    }
+                    // Nothing scripted: a server that holds the request for good.
+                    None => std::future::pending().await,
+                }
             }
         }
         fn wipe(&mut self) {
@@ -477,5 +636,72 @@ mod tests {
         cancel.cancel();
         task.await.unwrap();
         assert_eq!(log.lock().unwrap().attempts.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_head_syncs_at_once_and_the_wait_is_held_again() {
+        let (log, _h, cancel, task) = start(vec![]);
+        log.lock()
+            .unwrap()
+            .watch_script
+            .push_back((Duration::from_secs(30), WatchEnd::Moved));
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        {
+            let l = log.lock().unwrap();
+            assert_eq!(
+                l.attempts.len(),
+                2,
+                "the start, then the move (not 15 min later)"
+            );
+            let gap = l.attempts[1] - l.attempts[0];
+            assert!(
+                gap >= Duration::from_secs(30) && gap <= Duration::from_secs(31),
+                "{gap:?}"
+            );
+            assert_eq!(
+                l.watches.len(),
+                2,
+                "held after each success, never during an attempt"
+            );
+            assert!(l.watches[0] > l.attempts[0] && l.watches[1] > l.attempts[1]);
+        }
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_wait_is_held_again_after_a_jittered_delay_without_syncing() {
+        let (log, _h, cancel, task) = start(vec![]);
+        log.lock().unwrap().watch_script.push_back((
+            Duration::from_secs(5),
+            WatchEnd::Failed { retry_after: None },
+        ));
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        {
+            let l = log.lock().unwrap();
+            assert_eq!(l.attempts.len(), 1);
+            assert_eq!(l.watches.len(), 2);
+            let again = l.watches[1] - l.watches[0];
+            assert!(
+                again >= Duration::from_secs(6) && again <= Duration::from_secs(20),
+                "{again:?}"
+            );
+        }
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_wait_is_held_until_an_attempt_succeeds() {
+        let (log, _h, cancel, task) = start(vec![fail(None), fail(None)]);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        {
+            let l = log.lock().unwrap();
+            assert_eq!(l.attempts.len(), 3);
+            assert_eq!(l.watches.len(), 1);
+            assert!(l.watches[0] > l.attempts[2]);
+        }
+        cancel.cancel();
+        task.await.unwrap();
     }
 }

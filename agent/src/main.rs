@@ -71,7 +71,8 @@ enum Command {
     ///
     /// The loop syncs at start, then every --sync-interval-secs (plus up to a fifth more at
     /// random), a few seconds after a lookup leaves access events to send, on POST /v1/sync,
-    /// and as soon as the server answers again after an outage. Failures back off
+    /// as soon as the server answers again after an outage, and as soon as the region's data
+    /// changes (the live feed: one waiting request held while the server answers). Failures back off
     /// exponentially with full jitter up to --backoff-max-secs, and a server's Retry-After
     /// is honoured. After each sync it reports to the fleet view and renews the client
     /// certificate when due; a revoked device shreds itself and then answers every lookup
@@ -113,6 +114,11 @@ enum Command {
         /// Never check misses nationally (answers cover the tablet's region only).
         #[arg(long)]
         no_confirm: bool,
+        /// Do not hold the live feed's waiting checkpoint request: hear of changes only at
+        /// the background syncs. By default, while the server answers, the tablet holds one
+        /// request that the server answers as soon as the region's data changes.
+        #[arg(long)]
+        no_live: bool,
         /// Make every /v1/* request send `Authorization: Bearer <token>`, the token in
         /// STATE_DIR/api.token (made when missing, mode 0600). Without it the token is
         /// optional, but a wrong one is refused. The paramedic page is not affected.
@@ -313,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             backoff_max_secs,
             confirm_timeout_ms,
             no_confirm,
+            no_live,
             require_token,
         } => {
             let agent = Arc::new(Agent::open(&state_dir, clock())?);
@@ -326,6 +333,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sync.schedule.interval = Duration::from_secs(sync_interval_secs);
             sync.schedule.interval_jitter = Duration::from_secs(sync_interval_secs / 5);
             sync.schedule.backoff_max = Duration::from_secs(backoff_max_secs);
+            sync.schedule.live = !no_live;
             let cfg = RunConfig {
                 listen,
                 sync,
@@ -335,9 +343,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let service = Service::start_with(agent, cfg, auth).await?;
                 eprintln!(
                     "cpis-agent: local API on http://{addr}; paramedic page on http://{addr}/; \
-                     background sync every {sync_interval_secs} s; local API token in {token} \
-                     ({required})",
+                     background sync every {sync_interval_secs} s{live}; local API token in \
+                     {token} ({required})",
                     addr = service.local_addr(),
+                    live = if no_live {
+                        " (live feed off)"
+                    } else {
+                        " and at once when the region's data changes (live feed)"
+                    },
                     token = local_token::path(&state_dir).display(),
                     required = if require_token {
                         "required"

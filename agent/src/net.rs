@@ -336,6 +336,36 @@ impl DeviceClient {
         )?)
     }
 
+    /// The live feed: the region's signed checkpoint once its head passes `epoch`,
+    /// `version`, or after about `wait` with the head unchanged (the server may hold it for
+    /// less).
+    pub async fn wait_for_head(
+        &self,
+        epoch: u64,
+        version: u64,
+        wait: Duration,
+    ) -> Result<SignedMessage, NetError> {
+        let url = format!(
+            "{}{}?epoch={epoch}&after={version}&wait={}",
+            self.base,
+            paths::CHECKPOINT_WAIT,
+            wait.as_secs()
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(wait + Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| classify(&url, e))?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp).await);
+        }
+        Ok(SignedMessage::from_bytes(
+            &Self::read_capped(&url, resp, MAX_ENVELOPE).await?,
+        )?)
+    }
+
     /// The current snapshot's signed metadata.
     pub async fn snapshot_meta(&self) -> Result<SignedMessage, NetError> {
         let (url, resp) = self.get(paths::SNAPSHOT).await?;

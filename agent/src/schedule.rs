@@ -19,6 +19,16 @@
 //! * a trigger that arrives during an attempt runs one more attempt after it (once);
 //! * two attempts never start less than `min_gap` apart: the loop cannot spin;
 //! * a revoked device wipes, and never attempts again.
+//!
+//! The live feed: after a successful attempt, while nothing else is due, the driver holds
+//! one waiting checkpoint request ([`Schedule::should_watch`]). The region's head moving
+//! brings the attempt forward to now (never ahead of a backoff or `Retry-After`); a wait that
+//! ends unchanged is held again at once; one cut or refused (a proxy's idle cut-off, the
+//! server restarting) is held again after a full-jitter delay whose ceiling doubles from
+//! `watch_retry_first` to `watch_retry_max` (at least the server's `Retry-After`), so a fleet
+//! whose server restarts comes back spread out; a server without the live feed, a failed
+//! attempt, or a wait that keeps ending sooner than `watch_min_hold` stops waiting until the
+//! next successful attempt: the tablet polls as before.
 
 use std::time::Duration;
 
@@ -44,6 +54,14 @@ pub struct ScheduleConfig {
     pub backoff_max: Duration,
     /// Longest `Retry-After` honoured (a longer one is cut to this).
     pub retry_after_max: Duration,
+    /// Hold a waiting checkpoint request while connected (the live feed).
+    pub live: bool,
+    /// First ceiling of the delay before holding a cut waiting request again.
+    pub watch_retry_first: Duration,
+    /// Cap of that ceiling.
+    pub watch_retry_max: Duration,
+    /// A wait that ends unchanged sooner than this counts as cut (no spinning).
+    pub watch_min_hold: Duration,
 }
 
 impl Default for ScheduleConfig {
@@ -56,6 +74,10 @@ impl Default for ScheduleConfig {
             backoff_min: Duration::from_secs(2),
             backoff_max: Duration::from_secs(15 * 60),
             retry_after_max: Duration::from_secs(3600),
+            live: true,
+            watch_retry_first: Duration::from_secs(15),
+            watch_retry_max: Duration::from_secs(300),
+            watch_min_hold: Duration::from_secs(2),
         }
     }
 }
@@ -77,6 +99,23 @@ pub enum Input {
     Failed { retry_after: Option<Duration> },
     /// The server says the device is revoked.
     Revoked,
+    /// The waiting checkpoint request ended.
+    Watched(WatchEnd),
+}
+
+/// How a waiting checkpoint request (the live feed) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The region's head moved past the data held (or the answer did not verify): sync.
+    Moved,
+    /// Held for `held`, the head unchanged: wait again.
+    Unchanged { held: Duration },
+    /// The server has no live feed (or nothing is installed to wait on): poll until the next
+    /// successful attempt.
+    Unavailable,
+    /// Cut, refused (the server stopping, or holding as many as it may) or unreachable: wait
+    /// again later, at least after `retry_after`.
+    Failed { retry_after: Option<Duration> },
 }
 
 /// What to do next.
@@ -112,6 +151,12 @@ pub struct Schedule {
     again: bool,
     revoked: bool,
     wiped: bool,
+    /// The live feed may be held (the last attempt succeeded, the server has it).
+    watch_ok: bool,
+    /// No waiting request before this.
+    watch_resume: Instant,
+    /// Waiting requests cut in a row.
+    watch_failures: u32,
 }
 
 fn backoff(cfg: &ScheduleConfig) -> ExponentialBackoff {
@@ -140,7 +185,41 @@ impl Schedule {
             again: false,
             revoked: false,
             wiped: false,
+            watch_ok: false,
+            watch_resume: now,
+            watch_failures: 0,
         }
+    }
+
+    /// Whether the driver should hold a waiting checkpoint request at `now`.
+    pub fn should_watch(&self, now: Instant) -> bool {
+        self.cfg.live
+            && self.watch_ok
+            && !self.in_flight
+            && !self.revoked
+            && now >= self.watch_resume
+    }
+
+    /// When a waiting request is due again after a cut (`None`: not waiting for one).
+    pub fn watch_resumes_at(&self) -> Option<Instant> {
+        (self.cfg.live && self.watch_ok && !self.in_flight && !self.revoked)
+            .then_some(self.watch_resume)
+    }
+
+    fn watch_cut(&mut self, now: Instant, retry_after: Option<Duration>) {
+        self.watch_failures = self.watch_failures.saturating_add(1);
+        let doublings = self.watch_failures.saturating_sub(1).min(16);
+        let ceiling = self
+            .cfg
+            .watch_retry_first
+            .saturating_mul(1 << doublings)
+            .min(self.cfg.watch_retry_max);
+        let spread = ceiling.saturating_sub(self.cfg.min_gap);
+        let mut wait = self.cfg.min_gap + self.jitter(spread);
+        if let Some(ra) = retry_after {
+            wait = wait.max(ra.min(self.cfg.retry_after_max));
+        }
+        self.watch_resume = now + wait;
     }
 
     /// Failed attempts in a row.
@@ -192,7 +271,32 @@ impl Schedule {
                     self.due = self.due.min(now.max(self.retry_until));
                 }
             }
+            Input::Watched(end) => match end {
+                WatchEnd::Moved => {
+                    self.watch_failures = 0;
+                    if self.in_flight {
+                        self.again = true;
+                    } else {
+                        let at = now.max(self.backoff_until).max(self.retry_until);
+                        self.due = self.due.min(at);
+                    }
+                }
+                WatchEnd::Unchanged { held } if held >= self.cfg.watch_min_hold => {
+                    self.watch_failures = 0;
+                }
+                WatchEnd::Unchanged { .. } => {
+                    // Answered at once, again and again: a server or proxy that does not
+                    // hold; after a few, poll until the next success.
+                    self.watch_cut(now, None);
+                    if self.watch_failures >= 3 {
+                        self.watch_ok = false;
+                    }
+                }
+                WatchEnd::Unavailable => self.watch_ok = false,
+                WatchEnd::Failed { retry_after } => self.watch_cut(now, retry_after),
+            },
             Input::Succeeded => {
+                self.watch_ok = true;
                 self.in_flight = false;
                 self.failures = 0;
                 self.backoff = backoff(&self.cfg);
@@ -206,6 +310,7 @@ impl Schedule {
                 };
             }
             Input::Failed { retry_after } => {
+                self.watch_ok = false;
                 self.in_flight = false;
                 self.again = false;
                 self.failures = self.failures.saturating_add(1);
@@ -452,5 +557,155 @@ mod tests {
         };
         assert_eq!(run(seed()), run(seed()));
         assert_ne!(run(seed()), run(seed() + 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_live_feed_is_held_only_after_a_success_and_a_move_syncs_now() {
+        let c = cfg();
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        assert!(
+            !s.should_watch(Instant::now()),
+            "nothing held before a sync"
+        );
+        attempt(&mut s, Input::Succeeded);
+        assert!(s.should_watch(Instant::now()));
+        tokio::time::advance(Duration::from_secs(40)).await;
+        s.on(
+            Input::Watched(WatchEnd::Unchanged {
+                held: Duration::from_secs(25),
+            }),
+            Instant::now(),
+        );
+        assert!(s.should_watch(Instant::now()), "held again at once");
+        assert!(matches!(s.next(Instant::now()), Action::SleepUntil(_)));
+        s.on(Input::Watched(WatchEnd::Moved), Instant::now());
+        assert_eq!(s.next(Instant::now()), Action::StartAttempt);
+        assert!(!s.should_watch(Instant::now()), "not while an attempt runs");
+        // A failed attempt stops the live feed until the next success.
+        s.on(Input::Failed { retry_after: None }, Instant::now());
+        assert!(!s.should_watch(Instant::now()));
+        assert_eq!(s.watch_resumes_at(), None);
+        tokio::time::advance(c.backoff_max).await;
+        attempt(&mut s, Input::Succeeded);
+        assert!(s.should_watch(Instant::now()));
+        // A server without the live feed: poll until the next success.
+        s.on(Input::Watched(WatchEnd::Unavailable), Instant::now());
+        assert!(!s.should_watch(Instant::now()));
+        let off = cfg();
+        let mut s = Schedule::new(
+            ScheduleConfig { live: false, ..off },
+            seed(),
+            Instant::now(),
+        );
+        attempt(&mut s, Input::Succeeded);
+        assert!(!s.should_watch(Instant::now()), "--no-live");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_move_waits_for_a_backoff_or_retry_after() {
+        let mut s = Schedule::new(cfg(), seed(), Instant::now());
+        attempt(&mut s, Input::Succeeded);
+        let planned = s.next_attempt_at().unwrap();
+        // A manual request during the attempt ran; the server then asked to wait.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        s.on(Input::ManualRequest, Instant::now());
+        assert_eq!(s.next(Instant::now()), Action::StartAttempt);
+        s.on(
+            Input::Failed {
+                retry_after: Some(Duration::from_secs(120)),
+            },
+            Instant::now(),
+        );
+        s.on(Input::Watched(WatchEnd::Moved), Instant::now());
+        let at = s.next_attempt_at().unwrap();
+        assert!(
+            at >= Instant::now() + Duration::from_secs(120),
+            "Retry-After stands"
+        );
+        assert!(at < planned);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_wait_is_held_again_after_a_growing_full_jitter_delay() {
+        let c = cfg();
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        attempt(&mut s, Input::Succeeded);
+        let mut ceilings = Vec::new();
+        for n in 0..8u32 {
+            let now = Instant::now();
+            s.on(Input::Watched(WatchEnd::Failed { retry_after: None }), now);
+            assert!(!s.should_watch(now));
+            let resume = s.watch_resumes_at().unwrap();
+            let ceiling = (c.watch_retry_first * 2u32.pow(n)).min(c.watch_retry_max);
+            assert!(resume >= now + c.min_gap && resume <= now + ceiling, "{n}");
+            ceilings.push(ceiling);
+            tokio::time::advance(resume - now).await;
+            assert!(s.should_watch(Instant::now()));
+        }
+        assert_eq!(*ceilings.last().unwrap(), c.watch_retry_max);
+        // The server's Retry-After is a floor.
+        let now = Instant::now();
+        s.on(
+            Input::Watched(WatchEnd::Failed {
+                retry_after: Some(Duration::from_secs(600)),
+            }),
+            now,
+        );
+        assert!(s.watch_resumes_at().unwrap() >= now + Duration::from_secs(600));
+        // Held and answered normally: the delay starts again from the first ceiling.
+        tokio::time::advance(Duration::from_secs(600)).await;
+        s.on(
+            Input::Watched(WatchEnd::Unchanged {
+                held: Duration::from_secs(25),
+            }),
+            Instant::now(),
+        );
+        s.on(
+            Input::Watched(WatchEnd::Failed { retry_after: None }),
+            Instant::now(),
+        );
+        assert!(s.watch_resumes_at().unwrap() <= Instant::now() + c.watch_retry_first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fleet_cut_at_once_comes_back_spread_out() {
+        // 200 tablets whose server restarted: their waits all fail at the same instant.
+        let now = Instant::now();
+        let resumes: Vec<Duration> = (0..200u64)
+            .map(|tablet| {
+                let mut s = Schedule::new(cfg(), seed() + tablet, now);
+                assert_eq!(s.next(now), Action::StartAttempt);
+                s.on(Input::Succeeded, now);
+                s.on(Input::Watched(WatchEnd::Failed { retry_after: None }), now);
+                s.watch_resumes_at().unwrap() - now
+            })
+            .collect();
+        // Spread over the first ceiling: no second holds more than a tenth of the fleet.
+        let mut per_second = std::collections::BTreeMap::new();
+        for r in &resumes {
+            *per_second.entry(r.as_secs()).or_insert(0) += 1;
+        }
+        assert!(per_second.len() >= 10, "{per_second:?}");
+        assert!(per_second.values().all(|n| *n <= 30), "{per_second:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_answers_waits_at_once_is_not_spun_on() {
+        let c = cfg();
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        attempt(&mut s, Input::Succeeded);
+        for _ in 0..3 {
+            let resume = s.watch_resumes_at().unwrap();
+            tokio::time::advance(resume.saturating_duration_since(Instant::now())).await;
+            assert!(s.should_watch(Instant::now()));
+            s.on(
+                Input::Watched(WatchEnd::Unchanged {
+                    held: Duration::from_millis(5),
+                }),
+                Instant::now(),
+            );
+            assert!(!s.should_watch(Instant::now()), "never again at once");
+        }
+        assert_eq!(s.watch_resumes_at(), None, "three in a row: poll instead");
     }
 }

@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use cpis_agent::background::{LoopConfig, Outcome, SyncHandle, Worker, drive};
+use cpis_agent::background::{LiveFeed, LoopConfig, Outcome, SyncHandle, Worker, drive};
 use cpis_agent::net::NetError;
-use cpis_agent::schedule::ScheduleConfig;
+use cpis_agent::schedule::{ScheduleConfig, WatchEnd};
 use cpis_agent::{Agent, AgentError, Clock, LookupInput, SystemClock};
 use cpis_protocol::DeviceId;
 use cpis_protocol::local::LookupResponse;
@@ -353,6 +353,7 @@ impl Fleet {
         for m in &mut self.members {
             let (handle, requests) = SyncHandle::channel();
             let worker = FleetWorker {
+                live: LiveFeed::new(m.agent.clone()),
                 agent: m.agent.clone(),
                 progress: m.progress.clone(),
                 stats: self.stats.clone(),
@@ -511,6 +512,9 @@ impl Drop for Fleet {
 
 /// The loop's worker for one tablet.
 struct FleetWorker {
+    /// The live feed's waiting requests, as the agent holds them (when the schedule has
+    /// `live` on).
+    live: LiveFeed,
     agent: Arc<Agent>,
     progress: Arc<Progress>,
     stats: Arc<Stats>,
@@ -539,7 +543,12 @@ impl FleetWorker {
 }
 
 impl Worker for FleetWorker {
+    fn watch(&mut self) -> impl Future<Output = WatchEnd> + Send + 'static {
+        self.live.watch()
+    }
+
     fn attempt(&mut self) -> impl Future<Output = Outcome> + Send {
+        self.live.reset();
         let (agent, progress, stats) = (
             self.agent.clone(),
             self.progress.clone(),

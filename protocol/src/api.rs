@@ -15,6 +15,12 @@ pub mod paths {
     pub const ENROL: &str = "/v1/enrol";
     /// `GET`: the region's signed checkpoint (body: signed envelope bytes).
     pub const CHECKPOINT: &str = "/v1/device/checkpoint";
+    /// `GET ?epoch=E&after=V&wait=S` ([`super::WaitQuery`]): the live feed. The region's signed
+    /// checkpoint (as [`CHECKPOINT`]), answered as soon as the region's head passes epoch E,
+    /// version V, else after S seconds (the server may hold it for less) with the head
+    /// unchanged. `404` from a server without it or with it off, `503` when it holds as many
+    /// as it may: poll instead.
+    pub const CHECKPOINT_WAIT: &str = "/v1/device/checkpoint/wait";
     /// `GET ?from=V`: a delta from V to head (signed metadata in [`SIGNED_HEADER`]).
     pub const DELTA: &str = "/v1/device/delta";
     /// `GET`: the current snapshot's signed metadata (body: signed envelope bytes).
@@ -28,6 +34,17 @@ pub mod paths {
     pub const SIGNED_HEADER: &str = "x-cpis-signed";
     /// Media type of signed envelopes and feed bodies.
     pub const OCTET: &str = "application/octet-stream";
+}
+
+/// The query of [`paths::CHECKPOINT_WAIT`]: what the tablet holds, and how long it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitQuery {
+    /// The epoch of the data the tablet holds.
+    pub epoch: u64,
+    /// The version of the data the tablet holds.
+    pub after: u64,
+    /// Seconds the tablet waits at most.
+    pub wait: u64,
 }
 
 /// Error codes in `{error:{code}}` bodies that clients act on.

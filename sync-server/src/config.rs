@@ -85,6 +85,17 @@ pub struct Config {
     /// Seconds a request waits for a PostgreSQL connection before the database counts as
     /// unreachable and the request gets 503 (`CPIS_DATABASE_TIMEOUT_SECS`).
     pub database_timeout_secs: u64,
+    /// Longest a tablet's waiting checkpoint request is held before it is answered with an
+    /// unchanged head, in seconds; 0 turns the live feed off (the route answers 404 and
+    /// tablets poll) (`CPIS_LIVE_WAIT_MAX_SECS`). Keep it under any proxy's idle cut-off.
+    pub live_wait_max_secs: u64,
+    /// How often the region heads are re-read when no write has hinted at a change, in
+    /// milliseconds: the bound on how late a waiting tablet hears of a change made where no
+    /// hint reaches this replica (`CPIS_LIVE_RECHECK_MILLIS`).
+    pub live_recheck_millis: u64,
+    /// Waiting checkpoint requests held at once; beyond it `503` and the tablet polls
+    /// (`CPIS_LIVE_MAX_WAITING`). They are never counted as work by the shedder.
+    pub live_max_waiting: usize,
     /// Freshness policy sent in every checkpoint.
     pub policy: PolicyConfig,
     /// How requests beyond what the server can serve are turned away (see `shed`).
@@ -184,6 +195,9 @@ impl Default for Config {
             database_url: None,
             database_max_connections: 16,
             database_timeout_secs: 5,
+            live_wait_max_secs: 25,
+            live_recheck_millis: 1000,
+            live_max_waiting: 50_000,
             policy: PolicyConfig::default(),
             load_shedding: SheddingConfig::default(),
         }
@@ -259,6 +273,13 @@ impl Config {
             &mut self.database_timeout_secs,
         )?;
         env_parse("CPIS_METRICS_LISTEN", get, &mut self.metrics_listen)?;
+        env_parse("CPIS_LIVE_WAIT_MAX_SECS", get, &mut self.live_wait_max_secs)?;
+        env_parse(
+            "CPIS_LIVE_RECHECK_MILLIS",
+            get,
+            &mut self.live_recheck_millis,
+        )?;
+        env_parse("CPIS_LIVE_MAX_WAITING", get, &mut self.live_max_waiting)?;
         env_parse(
             "CPIS_HEADER_READ_TIMEOUT_SECS",
             get,
@@ -387,6 +408,14 @@ impl Config {
              # The council inbox page marks notices unacknowledged for longer than this many\n\
              # hours as overdue (120 = 5 days, as the API's `overdue`). CPIS_COUNCIL_OVERDUE_HOURS\n\
              council_overdue_hours = {coh}\n\
+             # Live feed: a tablet's waiting checkpoint request is answered as soon as its\n\
+             # region's head moves, else after live_wait_max_secs (0: off, tablets only poll);\n\
+             # heads re-read every live_recheck_millis when no write hinted; at most\n\
+             # live_max_waiting held at once (beyond: 503, the tablet polls).\n\
+             # CPIS_LIVE_WAIT_MAX_SECS, CPIS_LIVE_RECHECK_MILLIS, CPIS_LIVE_MAX_WAITING\n\
+             live_wait_max_secs = {lwm}\n\
+             live_recheck_millis = {lrm}\n\
+             live_max_waiting = {lmw}\n\
              \n\
              [policy]\n\
              fresh_secs = {fresh}\n\
@@ -428,6 +457,9 @@ impl Config {
             scb = d.snapshot_cache_bytes,
             dcd = d.device_cert_days,
             coh = d.council_overdue_hours,
+            lwm = d.live_wait_max_secs,
+            lrm = d.live_recheck_millis,
+            lmw = d.live_max_waiting,
             fresh = p.fresh_secs,
             expiry = p.expiry_secs,
             wipe = p.wipe_secs,

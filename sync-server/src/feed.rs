@@ -139,12 +139,23 @@ impl Feed {
 
     /// A signed checkpoint of the region's head at `now`.
     pub fn checkpoint(&self, head: &RegionHead, now: DateTime<Utc>) -> SignedMessage {
+        self.checkpoint_of(head.region.clone(), head.epoch, head.version, now)
+    }
+
+    /// A signed checkpoint saying the region was at `epoch`, `version` when read at `at`.
+    pub fn checkpoint_of(
+        &self,
+        region: RegionId,
+        epoch: u64,
+        version: u64,
+        at: DateTime<Utc>,
+    ) -> SignedMessage {
         let checkpoint = Checkpoint {
-            region: head.region.clone(),
-            epoch: head.epoch,
-            head_version: head.version,
-            server_time: now,
-            expires_at: now + self.checkpoint_ttl,
+            region,
+            epoch,
+            head_version: version,
+            server_time: at,
+            expires_at: at + self.checkpoint_ttl,
             policy: self.policy,
         };
         SignedMessage::sign(&self.signing_key(), &checkpoint)

@@ -6,7 +6,8 @@
 //! there a credential the server knows — client certificate, valid bearer token or live
 //! page session? — which decides the pool that sheds it), the shedder, then [`deadline`]
 //! (the whole request, reading its body included, within `request_timeout_secs`, else
-//! `408`).
+//! `408`). The live feed's waiting checkpoint request passes only [`record`] and the
+//! readiness gate: it is bounded by `live_max_waiting` instead (see [`crate::live`]).
 
 use std::sync::Arc;
 
@@ -49,6 +50,8 @@ pub struct App<S> {
     pub config: Config,
     /// Whether the database has answered since the start (PostgreSQL may not yet).
     pub database: Arc<crate::server::DatabaseState>,
+    /// The region heads waiting tablets watch (the live feed).
+    pub live: crate::live::Heads,
 }
 
 /// The server's routes with their layers.
@@ -105,9 +108,15 @@ pub fn router<S: Store + Clone>(app: Arc<App<S>>) -> Router {
         .layer(middleware::from_fn_with_state(app.clone(), ready::<S>))
         .layer(middleware::from_fn_with_state(shed, crate::shed::layer))
         .layer(middleware::from_fn_with_state(known, credentials::<S>));
+    // The live feed's waiting requests cost memory, not work: neither shed nor cut by the
+    // request deadline; `live_max_waiting` bounds them instead (see `live`).
+    let waiting = Router::new()
+        .route(paths::CHECKPOINT_WAIT, get(device::checkpoint_wait::<S>))
+        .layer(middleware::from_fn_with_state(app.clone(), ready::<S>));
     Router::new()
         .route("/healthz", get(ops::healthz::<S>))
         .merge(api)
+        .merge(waiting)
         .layer(middleware::from_fn_with_state(app.clone(), record::<S>))
         .with_state(app)
 }

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod http;
 pub mod ingest;
 pub mod keys;
+pub mod live;
 pub mod metrics;
 pub mod pki;
 pub mod reconcile;

@@ -66,6 +66,16 @@ pub struct Metrics {
     pub(crate) anonymous_in_flight: Gauge,
     pub(crate) confirmations_refused: Counter,
     pub(crate) request_timeouts: Counter,
+    pub(crate) live_waiting: Gauge,
+    pub(crate) live_answers: Family<LiveLabels, Counter>,
+}
+
+/// How a waiting checkpoint request ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LiveLabels {
+    /// `changed` (its region's head moved), `unchanged` (held for the whole wait),
+    /// `closing` (the server stopping), `full` (refused: `live_max_waiting` held).
+    pub(crate) outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -195,8 +205,22 @@ impl Metrics {
             "Requests answered 408 because they were not complete within request_timeout_secs",
             request_timeouts.clone(),
         );
+        let live_waiting = Gauge::default();
+        registry.register(
+            "live_waiting",
+            "Waiting checkpoint requests held (the live feed; at most live_max_waiting)",
+            live_waiting.clone(),
+        );
+        let live_answers = Family::<LiveLabels, Counter>::default();
+        registry.register(
+            "live_answers",
+            "Waiting checkpoint requests ended, by outcome",
+            live_answers.clone(),
+        );
         Self {
             registry,
+            live_waiting,
+            live_answers,
             anonymous_in_flight,
             confirmations_refused,
             request_timeouts,

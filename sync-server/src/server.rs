@@ -289,6 +289,12 @@ impl Server {
             config.zstd_level,
             config.snapshot_cache_bytes,
         );
+        let shutdown = CancellationToken::new();
+        let live = crate::live::Heads::new(
+            shutdown.clone(),
+            crate::live::recheck(config.live_recheck_millis),
+            config.live_max_waiting,
+        );
         let app = Arc::new(App {
             store: store.clone(),
             data_dir: data_dir.to_owned(),
@@ -298,6 +304,7 @@ impl Server {
             metrics: Arc::new(Metrics::new()),
             config,
             database,
+            live,
         });
         let router = http::router(app.clone());
         let metrics_router = http::metrics_router(app.clone());
@@ -307,7 +314,6 @@ impl Server {
             ),
             ..crate::tls::ServeOptions::default()
         };
-        let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let token = shutdown.clone();
         tasks.spawn(async move {
@@ -340,6 +346,12 @@ impl Server {
                 }
             }
         }
+        let token = shutdown.clone();
+        let watched = app.clone();
+        tasks.spawn(async move {
+            crate::live::watch_heads(watched, token).await;
+            Ok(())
+        });
         let token = shutdown.clone();
         tasks.spawn(maintenance(app, token));
         tracing::info!(%local_addr, "cpis-sync-server started");
@@ -471,6 +483,9 @@ pub async fn maintain<S: Store>(app: &App<S>) -> Result<(), StoreError> {
     let now = app.clock.now();
     let purged = app.store.purge_expired(now.date_naive(), now).await?;
     app.metrics.purged_flags.inc_by(purged);
+    if purged > 0 {
+        app.live.hint();
+    }
     let days = i64::try_from(app.config.change_log_days).unwrap_or(i64::MAX / 86_400 / 2);
     let pruned = app
         .store

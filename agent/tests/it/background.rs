@@ -34,6 +34,9 @@ fn fast_loop() -> LoopConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_millis(800),
             retry_after_max: Duration::from_secs(5),
+            // These tests drive the polling loop; the live feed has its own.
+            live: false,
+            ..ScheduleConfig::default()
         },
         seed,
         housekeeping: Duration::from_secs(3600),
@@ -212,6 +215,69 @@ async fn offline_lookups_are_delivered_by_the_loop_after_reconnect_with_one_noti
     assert_eq!(report.report.agent_version, env!("CARGO_PKG_VERSION"));
     assert!(report.report.data_version.is_some());
     svc.shutdown().await.unwrap();
+}
+
+/// The live feed end to end: a running tablet whose next poll is an hour away has a
+/// council's new flag within seconds of the upload, through its waiting request; and the
+/// same tablet with `--no-live` does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_tablet_has_a_new_flag_within_seconds_through_the_live_feed() {
+    let env = Env::start(Utc::now()).await;
+    env.upload(LEICS, &[(nhs(0), "CPP", "2026-01-10", "")])
+        .await;
+    let mut heads = Vec::new();
+    for live in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Arc::new(enrol_via(&env, &env.base, dir.path(), Arc::new(SystemClock)).await);
+        let mut sync = fast_loop();
+        sync.schedule.live = live;
+        let svc = Service::start(
+            agent,
+            RunConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                sync,
+                // No online check: only the tablet's own data answers.
+                confirm_bound: None,
+            },
+        )
+        .await
+        .unwrap();
+        until(&svc, "the first sync", |s| s.version.is_some()).await;
+        heads.push((svc, dir));
+    }
+    // Let the waiting request be held, then a council adds a flag.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = api_status(&heads[0].0).await.version.unwrap();
+    let started = std::time::Instant::now();
+    env.upload(
+        LEICS,
+        &[
+            (nhs(0), "CPP", "2026-01-10", ""),
+            (nhs(5), "LAC", "2026-03-01", ""),
+        ],
+    )
+    .await;
+    let (live, _) = &heads[0];
+    let s = until(live, "the live tablet to take the new head", |s| {
+        s.version.is_some_and(|v| v > before)
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!(
+        "upload accepted -> live tablet at version {:?}: {took:?}",
+        s.version
+    );
+    let (code, body) = api_lookup(live, &nhs(5).to_string()).await;
+    assert_eq!(code, 200, "{body}");
+    let r: LookupResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(r.result, LookupResult::Flagged);
+    // The tablet without the live feed still holds the old head (its next poll is an hour
+    // away), which is what the waiting request saved.
+    let (polling, _) = &heads[1];
+    assert_eq!(api_status(polling).await.version, Some(before));
+    for (svc, _) in heads {
+        svc.shutdown().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

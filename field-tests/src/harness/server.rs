@@ -311,6 +311,11 @@ impl ServerProcess {
     }
 
     /// The address it serves on.
+    /// The running `serve`'s process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Running::pid)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -330,6 +330,9 @@ pub(crate) fn schedule() -> ScheduleConfig {
         backoff_min: Duration::from_secs(2),
         backoff_max: Duration::from_secs(30),
         retry_after_max: Duration::from_secs(60),
+        // The scenarios measure the polling loop's recovery; the live feed has its own.
+        live: false,
+        ..ScheduleConfig::default()
     }
 }
 

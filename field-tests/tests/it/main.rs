@@ -7,6 +7,7 @@ mod clock;
 mod common;
 mod crash;
 mod demo;
+mod live;
 mod offline;
 mod proxy;
 mod replicas;

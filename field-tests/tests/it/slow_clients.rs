@@ -243,6 +243,8 @@ async fn a_thousand_slow_clients_never_starve_tablets_or_councils() {
                 backoff_min: Duration::from_secs(1),
                 backoff_max: Duration::from_secs(5),
                 retry_after_max: Duration::from_secs(10),
+                live: false,
+                ..ScheduleConfig::default()
             },
             seed,
             enrol_parallel: 16,

@@ -150,6 +150,8 @@ pub(crate) async fn upload<S: Store>(
         .store
         .apply_upload(council.clone(), upload_id, rows, now)
         .await?;
+    // Waiting tablets of the regions it moved hear of it now (see `live`).
+    app.live.hint();
     let c = outcome.counts;
     app.metrics
         .uploads

@@ -1,4 +1,5 @@
-//! Device endpoints: enrolment, and (over mutual TLS) checkpoint, delta and snapshot.
+//! Device endpoints: enrolment, and (over mutual TLS) checkpoint, the live feed's waiting
+//! checkpoint, delta and snapshot.
 
 use std::sync::Arc;
 
@@ -11,11 +12,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Duration;
 use cpis_protocol::DeviceId;
-use cpis_protocol::api::{EnrolRequest, EnrolResponse, codes, paths};
+use cpis_protocol::api::{EnrolRequest, EnrolResponse, WaitQuery, codes, paths};
 use serde::Deserialize;
 
 use super::{ApiError, App};
 use crate::feed::BuiltSnapshot;
+use crate::live::Published;
+use crate::metrics::LiveLabels;
 use crate::store::{DeviceRecord, NewDevice, Store, TokenRefusal};
 use crate::tls::ClientIdentity;
 use crate::tokens;
@@ -188,7 +191,7 @@ async fn authenticate<S: Store>(
     Ok(device)
 }
 
-fn octet(body: impl Into<Body>) -> Response {
+pub(crate) fn octet(body: impl Into<Body>) -> Response {
     ([(header::CONTENT_TYPE, paths::OCTET)], body.into()).into_response()
 }
 
@@ -208,6 +211,72 @@ pub(crate) async fn checkpoint<S: Store>(
         .ok_or_else(|| ApiError::not_found(format!("region {} does not exist", device.region)))?;
     let signed = app.feed.checkpoint(&head, app.clock.now());
     Ok(octet(signed.to_bytes()))
+}
+
+/// `GET /v1/device/checkpoint/wait?epoch=E&after=V&wait=S`: the live feed (see
+/// [`crate::live`]).
+pub(crate) async fn checkpoint_wait<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    AuthedDevice(device): AuthedDevice,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let max = app.config.live_wait_max_secs;
+    if max == 0 {
+        return Err(ApiError::not_found(
+            "the live feed is off on this server (live_wait_max_secs = 0): poll the checkpoint",
+        ));
+    }
+    let Query(q) = query.map_err(|e| {
+        ApiError::bad_request(
+            "bad_query",
+            format!(
+                "give ?epoch=E&after=VERSION&wait=SECONDS: {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let answered = |outcome| {
+        app.metrics
+            .live_answers
+            .get_or_create(&LiveLabels { outcome })
+            .inc();
+    };
+    let Some(_slot) = app.live.enter(&app.metrics) else {
+        answered("full");
+        return Err(ApiError::overloaded(crate::live::spread_retry()));
+    };
+    let held = (q.epoch, q.after);
+    let moved = |p: &Published| p.heads.get(&device.region).is_some_and(|h| *h > held);
+    let mut heads = app.live.subscribe();
+    let deadline = tokio::time::sleep(std::time::Duration::from_secs(q.wait.min(max)));
+    tokio::pin!(deadline);
+    let outcome = loop {
+        if moved(&heads.borrow_and_update()) {
+            break "changed";
+        }
+        tokio::select! {
+            changed = heads.changed() => if changed.is_err() { break "unchanged" },
+            () = &mut deadline => break "unchanged",
+            () = app.live.closing().cancelled() => {
+                answered("closing");
+                return Err(ApiError::overloaded(crate::live::spread_retry()));
+            }
+        }
+    };
+    answered(outcome);
+    let published = heads.borrow().clone();
+    let now = app.clock.now();
+    match published.heads.get(&device.region) {
+        Some(&(epoch, version)) if app.live.is_recent(&published, now) => {
+            let signed = app
+                .feed
+                .checkpoint_of(device.region.clone(), epoch, version, now);
+            Ok(octet(signed.to_bytes()))
+        }
+        // Heads not read lately (the server starting, the database away) or a region created
+        // since: the store, as a poll (503 when the database does not answer).
+        _ => checkpoint(State(app.clone()), AuthedDevice(device)).await,
+    }
 }
 
 #[derive(Debug, Deserialize)]

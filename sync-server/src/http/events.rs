@@ -78,6 +78,9 @@ async fn store_events<S: Store>(
             refused,
         })
         .await?;
+    if outcomes.iter().any(|o| o.contacts_changed) {
+        app.live.hint();
+    }
     let labels = |outcome| EventLabels {
         outcome,
         source: source.as_str(),

@@ -53,7 +53,11 @@ use crate::{ingest, reconcile};
 const MIGRATIONS: &[&str] = &[
     include_str!("postgres/schema.sql"),
     include_str!("postgres/002-flags-council-checked-by-upload.sql"),
+    include_str!("postgres/003-heads-notify.sql"),
 ];
+
+/// The channel migration 3's triggers notify when a region's head may have moved.
+const HEADS_CHANNEL: &str = "cpis_heads";
 
 /// Any number serving the advisory lock that serialises migrations across replicas.
 const MIGRATION_LOCK: i64 = 0x4350_4953_4d49_4752; // "CPISMIGR"
@@ -84,8 +88,32 @@ impl Default for PoolOptions {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// How to open a connection outside the pool (`LISTEN`).
+    config: Box<tokio_postgres::Config>,
     /// The URL without any password, for messages.
     shown: String,
+}
+
+/// Notifications of head changes ([`PostgresStore::listen_heads`]); dropping it closes the
+/// connection.
+#[derive(Debug)]
+pub struct HeadNotifications {
+    _client: tokio_postgres::Client,
+    task: tokio::task::JoinHandle<()>,
+    rx: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl HeadNotifications {
+    /// The next notification; `None` once the connection is lost.
+    pub async fn next(&mut self) -> Option<()> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for HeadNotifications {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -922,7 +950,7 @@ impl PostgresStore {
             .connect_timeout(options.wait)
             .application_name("cpis-sync-server");
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -938,7 +966,40 @@ impl PostgresStore {
             .map_err(|e| StoreError::Config(e.to_string()))?;
         Ok(Self {
             pool,
+            config: Box::new(config),
             shown: redact_url(url),
+        })
+    }
+
+    /// Listens for head changes committed by any replica or admin command (migration 3's
+    /// triggers), on a connection of its own. The receiver gets a message per notification
+    /// (coalesced while unread) and ends when the connection is lost: listen again.
+    pub async fn listen_heads(&self) -> Result<HeadNotifications, StoreError> {
+        let (client, mut connection) = self.config.connect(NoTls).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let shown = self.shown.clone();
+        let task = tokio::spawn(async move {
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                        // Full: a wake-up is already pending, which is all a hint says.
+                        let _ = tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(database = %shown, %error, "listening for head changes: connection lost");
+                        return;
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {HEADS_CHANNEL}"))
+            .await?;
+        Ok(HeadNotifications {
+            _client: client,
+            task,
+            rx,
         })
     }
 

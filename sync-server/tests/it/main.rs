@@ -14,6 +14,7 @@ mod feed;
 mod harness;
 mod isolation;
 mod lifecycle;
+mod live;
 mod mailbox;
 mod packaging;
 mod pages;

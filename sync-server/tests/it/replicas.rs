@@ -1,7 +1,8 @@
 //! Several replicas on one PostgreSQL database, each serving its own copy of one data dir:
 //! versions stay gap-free and in commit order under concurrent uploads through different
 //! replicas, an enrolment token is used once however it is raced, a page session works and
-//! ends on every replica, and a replica that loses its database says so and recovers.
+//! ends on every replica, a tablet waiting on one replica hears of an upload through another,
+//! and a replica that loses its database says so and recovers.
 //!
 //! Each test starts a throw-away PostgreSQL cluster of its own (scripts/postgres-start.sh),
 //! which it stops and removes when it ends.
@@ -105,6 +106,15 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// A data dir initialised on a new database of `cluster`, and `n` replicas serving copies
 /// of it.
 pub async fn replicas(cluster: &Cluster, n: usize) -> Vec<Env> {
+    replicas_with(cluster, n, |_| {}).await
+}
+
+/// [`replicas`], each configured by `tweak`.
+pub async fn replicas_with(
+    cluster: &Cluster,
+    n: usize,
+    tweak: impl Fn(&mut cpis_sync_server::config::Config),
+) -> Vec<Env> {
     let first = TempDir::new().unwrap();
     let hostnames = ["localhost".to_owned(), "127.0.0.1".to_owned()];
     server::init_with(first.path(), &hostnames, Some(&cluster.url))
@@ -116,9 +126,9 @@ pub async fn replicas(cluster: &Cluster, n: usize) -> Vec<Env> {
         copy_dir(first.path(), copy.path());
         dirs.push(copy);
     }
-    let mut envs = vec![Env::serve(first, |_| {}).await];
+    let mut envs = vec![Env::serve(first, &tweak).await];
     for dir in dirs {
-        envs.push(Env::serve(dir, |_| {}).await);
+        envs.push(Env::serve(dir, &tweak).await);
     }
     envs
 }
@@ -511,4 +521,44 @@ async fn a_dump_restored_into_a_new_cluster_serves_the_same_head_version() {
     assert_eq!(after.flags, before.flags);
     // The tablet already at the head is told so by the restored replica.
     assert_eq!(delta(&restored, &d, head).await.status(), 204);
+}
+
+#[tokio::test]
+async fn a_tablet_waiting_on_one_replica_hears_of_an_upload_through_another() {
+    let cluster = Cluster::start();
+    // Heads re-read only every minute: PostgreSQL's notification must wake replica b.
+    let envs = replicas_with(&cluster, 2, |c| c.live_recheck_millis = 60_000).await;
+    let (a, b) = (&envs[0], &envs[1]);
+    a.seed().await;
+    let leics = a.council_token(LEICS).await;
+    let d = b.enrol(EM).await;
+    let head = b
+        .store()
+        .region_head(EM.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let held = crate::live::wait(b, &d, head.epoch, head.version, 30);
+    let upload = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = a
+            .upload(&leics, LEICS, &csv(&[(1, "CPP", "2024-01-01", "")]))
+            .await;
+        assert_eq!(r.status(), 200);
+    };
+    let (r, ()) = tokio::join!(held, upload);
+    let cp = crate::live::answered(&d, r).await;
+    let took = started.elapsed();
+    assert!(
+        cp.head_version > head.version,
+        "answered with the upload's head"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "woken by the notification, not the 30 s wait nor the 60 s re-read: {took:?}"
+    );
+    for env in envs {
+        env.stop().await;
+    }
 }
