@@ -10,6 +10,8 @@
 #   2. bench-workspace sqlcipher-bench               SQLCipher lookup and build, own plaintext floor
 #   3. cargo bench -p cpis-sync-server --bench server  council upload, snapshot vs gzip, h2 polls
 #   4. cargo bench -p cpis-sync-server --bench events  event ingest/s, mailbox listing p50/p99
+#      cargo bench -p cpis-sync-server --bench backends  PostgreSQL against SQLite, replicas
+#      the field test live:: (release): the live feed's latency, memory, herd and restart
 #   5. the real binaries: cpis-fixtures writes a region and its next day; cpis-sync-server
 #      serves it; councils upload with curl; a real cpis-agent enrols and syncs through a
 #      byte-counting relay (full snapshot, one day's delta, a no-change poll) against the
@@ -164,6 +166,11 @@ lookup_exe=$(bench_exe cpis-agent lookup)
 server_exe=$(bench_exe cpis-sync-server server)
 events_exe=$(bench_exe cpis-sync-server events)
 backends_exe=$(bench_exe cpis-sync-server backends)
+# The live feed's field test, in release (its binaries are built by the harness, in release too).
+live_exe=$(cd "$root" && cargo test --locked --release --no-run -q -p cpis-field-tests --test it \
+    --message-format=json | jq -r 'select(.reason == "compiler-artifact" and .target.name == "it"
+        and .profile.test) | .executable' | tail -1)
+[ -x "$live_exe" ] || die "no executable for the field tests"
 (cd "$here" && cargo build --locked --release -q)
 build_secs=$(($(date +%s) - tb))
 say "builds took ${build_secs} s"
@@ -191,6 +198,10 @@ loads+=("backends bench: $(loadavg)")
 bash "$root/scripts/install-postgres.sh"
 bash "$root/scripts/install-haproxy.sh"
 (cd "$root/sync-server" && "$backends_exe" --bench) | tee "$R/backends.txt" | grep -v '^RESULT' >&2
+step "field test: the live feed (100 agents, 10,000 waiting tablets, a restart)"
+loads+=("live feed: $(loadavg)")
+(cd "$root/field-tests" && "$live_exe" live:: --nocapture --test-threads 1) |
+    tee "$R/live.txt" | grep -v '^RESULT' >&2
 
 # ---- 5. the real binaries on loopback -------------------------------------------------------
 # Day 1 is yesterday and day 2 today: the server refuses dates in its future.
@@ -489,6 +500,18 @@ done
 r1p=$(res "$K" replicas_1 polls_per_s); r1e=$(res "$K" replicas_1 events_per_s)
 r3p=$(res "$K" replicas_3 polls_per_s); r3e=$(res "$K" replicas_3 events_per_s)
 fix_rate=$(FMT=%.0f calc "$FIX_FLAGS / $fix_s")
+L="$R/live.txt"
+lv_agents=$(res "$L" live_latency agents); lv_waiting=$(res "$L" live_latency waiting)
+lv_p50=$(res "$L" live_latency p50_ms); lv_p99=$(res "$L" live_latency p99_ms)
+lv_max=$(res "$L" live_latency max_ms)
+lv_poll_min=$(res "$L" live_latency poll_min_s); lv_poll_max=$(res "$L" live_latency poll_max_s)
+lv_kib=$(res "$L" live_memory kib_per_waiting); lv_held=$(res "$L" live_memory held)
+lv_rss0=$(res "$L" live_memory rss_before_mib); lv_rss1=$(res "$L" live_memory rss_held_mib)
+lv_herd=$(res "$L" live_herd waiters); lv_h50=$(res "$L" live_herd p50_ms)
+lv_h99=$(res "$L" live_herd p99_ms); lv_hmax=$(res "$L" live_herd max_ms)
+lv_shed=$(res "$L" live_herd shed)
+lv_half=$(res "$L" live_restart half_s); lv_all=$(res "$L" live_restart all_s)
+lv_busy=$(res "$L" live_restart busiest_second); lv_next=$(res "$L" live_restart next_change_ms)
 
 ingest_rows=""
 base1=$(res "$E" ingest_b1_f1 events_per_s)
@@ -636,6 +659,21 @@ cost, not how the service scales on separate machines. Every transaction that ta
 or notification ids waits for the one before it (see sync-server/README.md, "Versions across
 replicas"), so event ingest does not scale with replicas at all.
 
+## Live feed: a new flag on every connected tablet
+
+Connected tablets hold one waiting request (\`GET /v1/device/checkpoint/wait\`), answered as
+soon as their region's head moves. The field test \`live\` against the real server binary:
+$(thou "$lv_agents") real agents of one region, $(thou "$lv_waiting") lightweight waiting
+tablets of another on the same server.
+
+| What | Figure | Baseline | Goal |
+|---|---|---|---|
+| Council upload accepted → every connected agent holding the new flag, p50 / p99 / max | $lv_p50 / $lv_p99 / $lv_max ms | polling on the default schedule: the next poll ${lv_poll_min}–${lv_poll_max} s away (the schedule, not measured) | p99 ≤ 5,000 ms |
+| Server memory per waiting connection ($(thou "$lv_held") held) | $lv_kib KiB (resident $lv_rss0 → $lv_rss1 MiB) | | 10,000 held on one server |
+| One change waking $(thou "$lv_herd") waiting tablets at once: all answered and their deltas taken, p50 / p99 / max | $lv_h50 / $lv_h99 / $lv_hmax ms ($lv_shed requests shed and retried after their \`Retry-After\`) | | |
+| Server restarted: agents holding a waiting request again, half / all | $lv_half / $lv_all s (at most $lv_busy of $lv_agents in any one second) | | spread out, not in step |
+| The next change after the restart, on every agent | $lv_next ms | | p99 ≤ 5,000 ms |
+
 ## Council uploads
 
 | What | Time | Baseline (same run) | Ratio |
@@ -691,6 +729,9 @@ $(kib "$delta_maxrss") MiB and used $(FMT=%.2f calc "$delta_cpu_u + $delta_cpu_s
 * PostgreSQL against SQLite, one replica against three: \`cargo bench -p cpis-sync-server
   --bench backends\` (a 200,000-flag region from \`cpis-fixtures\`; its own PostgreSQL
   cluster and HAProxy from \`scripts/\`).
+* Live feed: the field test \`live::a_new_flag_reaches_every_connected_tablet_within_seconds_with_10000_waiting\`
+  built with \`cargo test --release -p cpis-field-tests --no-run\` and run from its
+  executable (field-tests/README.md; its \`RESULT live_*\` lines).
 * Raw output of every step is printed on the terminal while the script runs.
 EOF
 } > "$tmp"

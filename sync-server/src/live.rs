@@ -10,7 +10,9 @@
 //!   recent contacts, the retention purge);
 //! * when PostgreSQL says a write committed anywhere (`LISTEN cpis_heads`, notified by
 //!   triggers: another replica, an `admin` command);
-//! * every `live_recheck_millis` whatever happens.
+//! * every `live_recheck_millis` whatever happens;
+//!
+//! and never more than ten times a second (hints within 100 ms share one read).
 //!
 //! Hints only make it sooner: the heads read are the truth. The answer is a checkpoint of the
 //! head read, signed now, as a poll's is, provided the heads were read within twice the re-read
@@ -34,6 +36,9 @@ use tokio_util::sync::CancellationToken;
 use crate::http::App;
 use crate::metrics::Metrics;
 use crate::store::{AnyStore, Store, StoreError};
+
+/// Reads of the heads are at least this far apart (see [`watch_heads`]).
+const HINTS_SHARE_A_READ: Duration = Duration::from_millis(100);
 
 /// The longest `Retry-After` given to waiting tablets sent away.
 const CLOSING_RETRY_MAX_SECS: u64 = 30;
@@ -160,7 +165,12 @@ pub fn recheck(millis: u64) -> Duration {
 pub async fn watch_heads(app: Arc<App<AnyStore>>, shutdown: CancellationToken) {
     let recheck = recheck(app.config.live_recheck_millis);
     let mut listening = None;
+    let mut last_read = tokio::time::Instant::now();
     loop {
+        // Hints closer together than this share one read: a busy ingest (every batch that
+        // changes recent contacts hints) costs at most ten reads a second, not one a batch.
+        tokio::time::sleep_until(last_read + HINTS_SHARE_A_READ).await;
+        last_read = tokio::time::Instant::now();
         if app.database.is_ready() {
             // Listening before reading: a change committed in between is not missed.
             if listening.is_none()

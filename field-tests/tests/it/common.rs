@@ -349,7 +349,7 @@ pub(crate) fn metric_sum(text: &str, name: &str, with: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(with))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |sum, v| sum + v)
 }
 
 /// What changed in the fleet's counters between two moments.

@@ -6,7 +6,10 @@
 //! accepted to every agent answering the new flag (p50, p99, max), beside the polling schedule
 //! the same tablets would otherwise wait for (region B's waiters must not wake); then, for a
 //! change in region B, how long until all 10,000 were answered and had taken their delta (the
-//! herd one change in a big region sets off).
+//! herd one change in a big region sets off); then the server restarts, and how the agents
+//! came back (spread out by the server's random `Retry-After` and their own jitter) and the
+//! next change reached them. Figures are also printed as `RESULT live_*` lines, which
+//! `bench-workspace/benchmarks.sh` writes into BENCHMARKS.md.
 //!
 //! `CPIS_LIVE_AGENTS` (100) and `CPIS_LIVE_WAITERS` (10,000) change the sizes.
 
@@ -155,14 +158,32 @@ async fn a_new_flag_reaches_every_connected_tablet_within_seconds_with_10000_wai
     )
     .await
     .unwrap();
+    // Region A's councils' lists; the change later goes to one that region B does not carry
+    // (a neighbour council's upload moves both regions' heads).
+    let carried_by_b: BTreeSet<_> = directory.carried_councils(&b.id).into_iter().collect();
+    let mut head = 0;
+    for (c, l) in dataset
+        .flags_by_council
+        .iter()
+        .filter(|(_, l)| !l.is_empty())
+    {
+        head = server
+            .council(c)
+            .await
+            .unwrap()
+            .upload(l)
+            .await
+            .unwrap()
+            .version;
+    }
     let (code, list) = dataset
         .flags_by_council
         .iter()
+        .filter(|(c, l)| !carried_by_b.contains(c) && !l.is_empty())
         .max_by_key(|(_, l)| l.len())
         .map(|(c, l)| (c.clone(), l.clone()))
-        .unwrap();
+        .expect("region A has a council with flags that region B does not carry");
     let council = server.council(&code).await.unwrap();
-    let head = council.upload(&list).await.unwrap().version;
     let b_council = server.council(&b_code).await.unwrap();
     b_council.upload(&b_list).await.unwrap();
     let token = server
@@ -357,8 +378,107 @@ async fn a_new_flag_reaches_every_connected_tablet_within_seconds_with_10000_wai
         metric_sum(&m, "cpis_live_answers_total", "outcome=\"unchanged\""),
         metric_sum(&m, "cpis_live_answers_total", "outcome=\"full\""),
     );
+    println!(
+        "RESULT live_memory kib_per_waiting={:.1} held={held_now} rss_before_mib={:.1} \
+         rss_held_mib={:.1}",
+        per_connection / 1024.0,
+        rss_before as f64 / 1048576.0,
+        rss_held as f64 / 1048576.0
+    );
+    println!(
+        "RESULT live_latency agents={agents} waiting={waiters} p50_ms={:.0} p99_ms={:.0} \
+         max_ms={:.0} poll_min_s={} poll_max_s={}",
+        ms(percentile(&sorted, 0.5)),
+        ms(percentile(&sorted, 0.99)),
+        ms(*sorted.last().unwrap()),
+        poll.interval.as_secs(),
+        (poll.interval + poll.interval_jitter).as_secs(),
+    );
+    println!(
+        "RESULT live_herd waiters={waiters} p50_ms={:.0} p99_ms={:.0} max_ms={:.0} shed={:.0}",
+        ms(percentile(&herd, 0.5)),
+        ms(percentile(&herd, 0.99)),
+        ms(*herd.last().unwrap()),
+        metric_sum(&m, "cpis_shed_requests_total", "overloaded"),
+    );
     stop.cancel();
     while held.join_next().await.is_some() {}
+
+    // 3. The server restarts (SIGTERM, then serve again): the waiting agents are answered
+    // 503 with a random Retry-After, come back spread out, and hear of the next change.
+    let mut server = server;
+    server.stop().await.unwrap();
+    server.start().await.unwrap();
+    let restarted = Instant::now();
+    let mut samples: Vec<(Duration, usize)> = Vec::new();
+    loop {
+        let n = metric_sum(&server.metrics().await.unwrap(), "cpis_live_waiting", "") as usize;
+        samples.push((restarted.elapsed(), n));
+        if n >= agents {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < BOUND,
+            "after a restart only {n} of {agents} agents hold a waiting request again after \
+             {:?}\nserver log:\n{}",
+            restarted.elapsed(),
+            server.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let when = |share: f64| {
+        samples
+            .iter()
+            .find(|(_, n)| *n as f64 >= share * agents as f64)
+            .map_or(Duration::ZERO, |(t, _)| *t)
+    };
+    // The most that came back within any one second.
+    let busiest = samples
+        .iter()
+        .map(|(t, n)| {
+            let before = samples
+                .iter()
+                .rev()
+                .find(|(u, _)| *u + Duration::from_secs(1) <= *t)
+                .map_or(0, |(_, m)| *m);
+            n.saturating_sub(before)
+        })
+        .max()
+        .unwrap_or(0);
+    let mut again = changed.clone();
+    let mut second = new_flag.clone();
+    second.nhs_number = *cpis_fixtures::test_nhs_numbers()
+        .iter()
+        .find(|n| !flagged.contains(n) && **n != new_flag.nhs_number)
+        .unwrap();
+    again.push(second.clone());
+    again.sort_by_key(|f| (f.nhs_number, f.plan_type));
+    let uploaded = Instant::now();
+    let third_head = council.upload(&again).await.unwrap().version;
+    fleet
+        .converge(third_head, &[], BOUND)
+        .await
+        .unwrap_or_else(|e| panic!("after the restart: {e:#}\n{}", server.log_tail(20)));
+    let after_restart = uploaded.elapsed();
+    eprintln!(
+        "[live] server restarted: agents holding again, half after {:.1} s, all after {:.1} s, \
+         at most {busiest} of {agents} in any one second; the next change reached every \
+         agent in {:.0} ms",
+        when(0.5).as_secs_f64(),
+        when(1.0).as_secs_f64(),
+        ms(after_restart),
+    );
+    println!(
+        "RESULT live_restart agents={agents} half_s={:.1} all_s={:.1} busiest_second={busiest} \
+         next_change_ms={:.0}",
+        when(0.5).as_secs_f64(),
+        when(1.0).as_secs_f64(),
+        ms(after_restart),
+    );
+    assert!(
+        busiest <= agents / 2,
+        "{busiest} of {agents} agents came back within one second of the restart: in step"
+    );
     fleet.shutdown().await;
 }
 
