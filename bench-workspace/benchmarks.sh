@@ -200,8 +200,10 @@ bash "$root/scripts/install-haproxy.sh"
 (cd "$root/sync-server" && "$backends_exe" --bench) | tee "$R/backends.txt" | grep -v '^RESULT' >&2
 step "field test: the live feed (100 agents, 10,000 waiting tablets, a restart)"
 loads+=("live feed: $(loadavg)")
+# The test harness prints "test NAME ... " before the test's own first line: RESULT lines
+# are cut to start where RESULT does.
 (cd "$root/field-tests" && "$live_exe" live:: --nocapture --test-threads 1) |
-    tee "$R/live.txt" | grep -v '^RESULT' >&2
+    sed 's/^.*\(RESULT live_\)/\1/' | tee "$R/live.txt" | grep -v '^RESULT' >&2
 
 # ---- 5. the real binaries on loopback -------------------------------------------------------
 # Day 1 is yesterday and day 2 today: the server refuses dates in its future.
