@@ -46,6 +46,14 @@ pub struct BuiltDelta {
 
 type CacheKey = (RegionId, u64, u64);
 
+/// How long a signed checkpoint is answered again for the same head: polls within it cost no
+/// signature (the profile of a busy poll path put signing at a tenth of its time). Its
+/// `server_time` is then up to this old, and still true: the head has not moved since.
+const CHECKPOINT_REUSE: Duration = Duration::seconds(1);
+
+/// The last checkpoint signed for a region: (epoch, version, signed at, envelope bytes).
+type SignedCheckpoint = (u64, u64, DateTime<Utc>, Bytes);
+
 #[derive(Debug, Default)]
 struct Cache {
     entries: Vec<(CacheKey, Arc<BuiltSnapshot>, u64)>,
@@ -66,6 +74,7 @@ pub struct Feed {
     cache_bytes: usize,
     cache: Mutex<Cache>,
     build: tokio::sync::Mutex<()>,
+    checkpoints: Mutex<std::collections::HashMap<RegionId, SignedCheckpoint>>,
 }
 
 impl Feed {
@@ -85,6 +94,7 @@ impl Feed {
             cache_bytes,
             cache: Mutex::new(Cache::default()),
             build: tokio::sync::Mutex::new(()),
+            checkpoints: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -116,6 +126,9 @@ impl Feed {
         if let Ok(mut cache) = self.cache.lock() {
             cache.entries.clear();
         }
+        if let Ok(mut signed) = self.checkpoints.lock() {
+            signed.clear();
+        }
         true
     }
 
@@ -138,27 +151,41 @@ impl Feed {
     }
 
     /// A signed checkpoint of the region's head at `now`.
-    pub fn checkpoint(&self, head: &RegionHead, now: DateTime<Utc>) -> SignedMessage {
-        self.checkpoint_of(head.region.clone(), head.epoch, head.version, now)
+    pub fn checkpoint(&self, head: &RegionHead, now: DateTime<Utc>) -> Bytes {
+        self.checkpoint_of(&head.region, head.epoch, head.version, now)
     }
 
-    /// A signed checkpoint saying the region was at `epoch`, `version` when read at `at`.
+    /// The signed checkpoint (envelope bytes) saying the region was at `epoch`, `version`
+    /// when read at `at`: the one signed for the same head less than [`CHECKPOINT_REUSE`]
+    /// before `at` if there is one, else signed now and kept for the next.
     pub fn checkpoint_of(
         &self,
-        region: RegionId,
+        region: &RegionId,
         epoch: u64,
         version: u64,
         at: DateTime<Utc>,
-    ) -> SignedMessage {
+    ) -> Bytes {
+        if let Ok(signed) = self.checkpoints.lock()
+            && let Some((e, v, t, bytes)) = signed.get(region)
+            && (*e, *v) == (epoch, version)
+            && *t <= at
+            && at - *t < CHECKPOINT_REUSE
+        {
+            return bytes.clone();
+        }
         let checkpoint = Checkpoint {
-            region,
+            region: region.clone(),
             epoch,
             head_version: version,
             server_time: at,
             expires_at: at + self.checkpoint_ttl,
             policy: self.policy,
         };
-        SignedMessage::sign(&self.signing_key(), &checkpoint)
+        let bytes = Bytes::from(SignedMessage::sign(&self.signing_key(), &checkpoint).to_bytes());
+        if let Ok(mut signed) = self.checkpoints.lock() {
+            signed.insert(region.clone(), (epoch, version, at, bytes.clone()));
+        }
+        bytes
     }
 
     /// Builds, compresses and signs a snapshot of the given state (CPU only).

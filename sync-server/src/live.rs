@@ -89,11 +89,6 @@ impl Heads {
         self.hint.notify_one();
     }
 
-    /// The heads as last read.
-    pub fn current(&self) -> Arc<Published> {
-        self.tx.borrow().clone()
-    }
-
     /// Watches the heads.
     pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.tx.subscribe()

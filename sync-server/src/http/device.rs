@@ -209,8 +209,7 @@ pub(crate) async fn checkpoint<S: Store>(
         .region_head(device.region.clone())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("region {} does not exist", device.region)))?;
-    let signed = app.feed.checkpoint(&head, app.clock.now());
-    Ok(octet(signed.to_bytes()))
+    Ok(octet(app.feed.checkpoint(&head, app.clock.now())))
 }
 
 /// `GET /v1/device/checkpoint/wait?epoch=E&after=V&wait=S`: the live feed (see
@@ -265,13 +264,18 @@ pub(crate) async fn checkpoint_wait<S: Store>(
     };
     answered(outcome);
     let published = heads.borrow().clone();
-    let now = app.clock.now();
-    match published.heads.get(&device.region) {
-        Some(&(epoch, version)) if app.live.is_recent(&published, now) => {
-            let signed = app
-                .feed
-                .checkpoint_of(device.region.clone(), epoch, version, now);
-            Ok(octet(signed.to_bytes()))
+    match (published.heads.get(&device.region), published.read_at) {
+        // Signed as of the read, not of now: the checkpoint never claims more freshness
+        // than the heads it was made from.
+        (Some(&(epoch, version)), Some(read_at))
+            if app.live.is_recent(&published, app.clock.now()) =>
+        {
+            Ok(octet(app.feed.checkpoint_of(
+                &device.region,
+                epoch,
+                version,
+                read_at,
+            )))
         }
         // Heads not read lately (the server starting, the database away) or a region created
         // since: the store, as a poll (503 when the database does not answer).

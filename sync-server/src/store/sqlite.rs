@@ -111,8 +111,10 @@ const TRUST_OWNER: (&str, &str, &str) = ("trusts", "code", "trust");
 
 /// Jobs the writer batches into one transaction.
 const MAX_BATCH: usize = 64;
-/// Idle reader connections kept open.
-const MAX_IDLE_READERS: usize = 16;
+/// Reads running at once, each on its own connection; every connection is kept open for the
+/// next read. Without the bound, a burst of polls opened (and parsed the schema on) a new
+/// connection per read beyond those kept: most of a poll's cost in the profile.
+const MAX_READERS: usize = 16;
 /// How long a connection waits for another process (e.g. `admin`) holding the write lock.
 const BUSY_TIMEOUT_MS: u64 = 10_000;
 
@@ -133,6 +135,8 @@ struct Inner {
     writer: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
     readers: Mutex<Vec<Connection>>,
+    /// At most [`MAX_READERS`] reads at once.
+    reading: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -195,6 +199,7 @@ impl SqliteStore {
                 writer: Some(tx),
                 thread: Some(thread),
                 readers: Mutex::new(Vec::new()),
+                reading: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             }),
         })
     }
@@ -235,7 +240,14 @@ impl SqliteStore {
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
         let inner = self.inner.clone();
         async move {
+            let permit = inner
+                .reading
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))?;
             tokio::task::spawn_blocking(move || {
+                let _permit = permit;
                 let conn = inner.take_reader()?;
                 let result = f(&conn);
                 inner.put_reader(conn);
@@ -255,12 +267,18 @@ impl Inner {
         let conn = Connection::open(&self.path)?;
         conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
         conn.pragma_update(None, "query_only", "ON")?;
+        // One plan per statement: without this, binding a new value re-prepared cached
+        // statements whose plan might depend on it (STAT4), on every read.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         Ok(conn)
     }
 
     fn put_reader(&self, conn: Connection) {
         if let Ok(mut readers) = self.readers.lock()
-            && readers.len() < MAX_IDLE_READERS
+            && readers.len() < MAX_READERS
         {
             readers.push(conn);
         }
@@ -443,34 +461,29 @@ fn scope_codes(conn: &Connection, region: &RegionId) -> Result<BTreeSet<String>,
 
 fn region_head(conn: &Connection, region: &RegionId) -> Result<Option<RegionHead>, StoreError> {
     let epoch: Option<i64> = conn
-        .query_row(
-            "SELECT epoch FROM regions WHERE id = ?1",
-            [region.as_str()],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT epoch FROM regions WHERE id = ?1")?
+        .query_row([region.as_str()], |r| r.get(0))
         .optional()?;
     let Some(epoch) = epoch else {
         return Ok(None);
     };
+    // Each council with its newest change: one statement, not one more per council.
     let mut stmt = conn.prepare_cached(
-        "SELECT code, name, region, emergency_phone, office_phone, log_floor FROM councils \
+        "SELECT code, name, region, emergency_phone, office_phone, log_floor, \
+         (SELECT max(version) FROM changes WHERE council = councils.code) FROM councils \
          WHERE region = ?1 OR code IN (SELECT council FROM region_neighbours WHERE region = ?1) \
          ORDER BY code",
     )?;
     let mut councils = Vec::new();
     let mut floor = 0u64;
+    let mut newest = 0u64;
     let mut rows = stmt.query([region.as_str()])?;
     while let Some(row) = rows.next()? {
         councils.push(council_from_row(row)?);
         floor = floor.max(row.get::<_, i64>(5)? as u64);
+        newest = newest.max(row.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64);
     }
-    let mut version = floor;
-    let mut max_stmt =
-        conn.prepare_cached("SELECT max(version) FROM changes WHERE council = ?1")?;
-    for c in &councils {
-        let v: Option<i64> = max_stmt.query_row([c.code.as_str()], |r| r.get(0))?;
-        version = version.max(v.unwrap_or(0) as u64);
-    }
+    let version = floor.max(newest);
     Ok(Some(RegionHead {
         region: region.clone(),
         epoch: epoch as u64,
@@ -614,11 +627,8 @@ fn change_from_row(row: &Row<'_>) -> Result<VersionedChange, rusqlite::Error> {
 
 fn read_device(conn: &Connection, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
     Ok(conn
-        .query_row(
-            &format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ?1"),
-            [id.to_string()],
-            device_from_row,
-        )
+        .prepare_cached(&format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ?1"))?
+        .query_row([id.to_string()], device_from_row)
         .optional()?)
 }
 
@@ -955,7 +965,11 @@ impl Store for SqliteStore {
         &self,
         region: RegionId,
     ) -> impl Future<Output = Result<Option<RegionHead>, StoreError>> + Send {
-        self.read(move |c| region_head(c, &region))
+        // One read transaction: the epoch, the councils and their versions of one moment.
+        self.read(move |c| {
+            let tx = c.unchecked_transaction()?;
+            region_head(&tx, &region)
+        })
     }
 
     fn region_snapshot(

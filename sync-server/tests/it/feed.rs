@@ -185,6 +185,47 @@ async fn everything_served_verifies_with_the_protocol_crate() {
 }
 
 #[tokio::test]
+async fn a_head_is_signed_once_a_second_and_a_change_is_answered_at_once() {
+    let env = Env::start().await;
+    env.seed().await;
+    let leics = env.council_token(LEICS).await;
+    let upload = |rows: &'static [(u32, &'static str, &'static str, &'static str)]| {
+        let (env, leics) = (&env, &leics);
+        async move { assert_eq!(env.upload(leics, LEICS, &csv(rows)).await.status(), 200) }
+    };
+    upload(&[(1, "CPP", "2024-01-01", "")]).await;
+    let d = env.enrol(EM).await;
+    let raw = || async {
+        let r = d
+            .client
+            .get(env.url(paths::CHECKPOINT))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap()
+    };
+    // The same head within a second: the same signed bytes (no new signature).
+    let first = raw().await;
+    env.clock.advance(Duration::milliseconds(999));
+    assert_eq!(raw().await, first);
+    // A second on, signed again, with the time of the read.
+    env.clock.advance(Duration::milliseconds(1));
+    let cp = checkpoint(&env, &d).await;
+    assert_eq!(cp.server_time, env.clock_now());
+    // A change is answered by the next poll, not a second later.
+    let before = cp.head_version;
+    upload(&[(1, "CPP", "2024-01-01", ""), (2, "LAC", "2024-02-01", "")]).await;
+    let cp = checkpoint(&env, &d).await;
+    assert!(cp.head_version > before);
+    assert_eq!(cp.server_time, env.clock_now());
+    // A clock that went back is not answered with a checkpoint from its future.
+    env.clock.advance(Duration::seconds(-10));
+    assert_eq!(checkpoint(&env, &d).await.server_time, env.clock_now());
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn snapshot_download_resumes_with_range() {
     let env = Env::start().await;
     env.seed().await;
