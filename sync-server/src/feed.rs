@@ -183,7 +183,15 @@ impl Feed {
         };
         let bytes = Bytes::from(SignedMessage::sign(&self.signing_key(), &checkpoint).to_bytes());
         if let Ok(mut signed) = self.checkpoints.lock() {
-            signed.insert(region.clone(), (epoch, version, at, bytes.clone()));
+            // Two polls signing at once: keep the later, so that a tablet answered with it is
+            // never answered with the earlier one afterwards (tablets refuse a checkpoint
+            // older than one they have seen).
+            let newer = signed
+                .get(region)
+                .is_none_or(|(e, v, t, _)| (*e, *v) != (epoch, version) || *t < at);
+            if newer {
+                signed.insert(region.clone(), (epoch, version, at, bytes.clone()));
+            }
         }
         bytes
     }

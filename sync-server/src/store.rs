@@ -569,6 +569,13 @@ pub trait Store: Send + Sync + 'static {
         id: DeviceId,
     ) -> impl Future<Output = Result<Option<DeviceRecord>, StoreError>> + Send;
 
+    /// A device by id and the head of its region, read together: what a checkpoint poll
+    /// needs, in one read.
+    fn device_and_head(
+        &self,
+        id: DeviceId,
+    ) -> impl Future<Output = Result<Option<(DeviceRecord, Option<RegionHead>)>, StoreError>> + Send;
+
     /// Records that a device was seen.
     fn touch_device(
         &self,

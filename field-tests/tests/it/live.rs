@@ -407,9 +407,16 @@ async fn a_new_flag_reaches_every_connected_tablet_within_seconds_with_10000_wai
     // 3. The server restarts (SIGTERM, then serve again): the waiting agents are answered
     // 503 with a random Retry-After, come back spread out, and hear of the next change.
     let mut server = server;
+    let stopping = Instant::now();
     server.stop().await.unwrap();
+    let stopped = stopping.elapsed();
     server.start().await.unwrap();
     let restarted = Instant::now();
+    eprintln!(
+        "[live] restart: stopped in {} ms, serving again {} ms later",
+        stopped.as_millis(),
+        (restarted - stopping - stopped).as_millis()
+    );
     let mut samples: Vec<(Duration, usize)> = Vec::new();
     loop {
         let n = metric_sum(&server.metrics().await.unwrap(), "cpis_live_waiting", "") as usize;
@@ -426,6 +433,15 @@ async fn a_new_flag_reaches_every_connected_tablet_within_seconds_with_10000_wai
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    eprintln!(
+        "[live] agents waiting after the restart (s: count): {}",
+        samples
+            .iter()
+            .step_by(5)
+            .map(|(t, n)| format!("{:.1}: {n}", t.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let when = |share: f64| {
         samples
             .iter()

@@ -19,7 +19,7 @@ use super::{ApiError, App};
 use crate::feed::BuiltSnapshot;
 use crate::live::Published;
 use crate::metrics::LiveLabels;
-use crate::store::{DeviceRecord, NewDevice, Store, TokenRefusal};
+use crate::store::{DeviceRecord, NewDevice, RegionHead, Store, TokenRefusal};
 use crate::tls::ClientIdentity;
 use crate::tokens;
 
@@ -128,12 +128,7 @@ impl<S: Store> FromRequestParts<Arc<App<S>>> for AuthedDevice {
         parts: &mut Parts,
         app: &Arc<App<S>>,
     ) -> Result<Self, Self::Rejection> {
-        let device = authenticate(parts, app).await?;
-        if device.revoked_at.is_some() {
-            tracing::warn!(device = %device.id, "revoked device refused");
-            return Err(revoked());
-        }
-        Ok(AuthedDevice(device))
+        not_revoked(authenticate(parts, app).await?).map(AuthedDevice)
     }
 }
 
@@ -148,6 +143,15 @@ impl<S: Store> FromRequestParts<Arc<App<S>>> for DeviceEvenRevoked {
     }
 }
 
+/// `device`, unless it is revoked ([`revoked`]).
+fn not_revoked(device: DeviceRecord) -> Result<DeviceRecord, ApiError> {
+    if device.revoked_at.is_some() {
+        tracing::warn!(device = %device.id, "revoked device refused");
+        return Err(revoked());
+    }
+    Ok(device)
+}
+
 /// The answer to a revoked device on every route but the event upload.
 pub(crate) fn revoked() -> ApiError {
     let mut err = ApiError::new(
@@ -159,24 +163,46 @@ pub(crate) fn revoked() -> ApiError {
     err
 }
 
+fn cert_required(message: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        codes::CLIENT_CERT_REQUIRED,
+        message,
+    )
+}
+
+/// The device id of the request's client certificate (checked by TLS).
+fn certificate_device(parts: &Parts) -> Result<DeviceId, ApiError> {
+    match parts.extensions.get::<ClientIdentity>().copied() {
+        Some(ClientIdentity(Some(id))) => Ok(id),
+        _ => Err(cert_required(
+            "device endpoints need the client certificate issued at enrolment",
+        )),
+    }
+}
+
 /// The enrolled device of the request's client certificate (revoked or not); records when
 /// it was last seen.
 async fn authenticate<S: Store>(
     parts: &Parts,
     app: &Arc<App<S>>,
 ) -> Result<DeviceRecord, ApiError> {
-    let cert_required =
-        |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, codes::CLIENT_CERT_REQUIRED, m);
-    let Some(ClientIdentity(Some(id))) = parts.extensions.get::<ClientIdentity>().copied() else {
-        return Err(cert_required(
-            "device endpoints need the client certificate issued at enrolment",
-        ));
-    };
-    let Some(device) = app.store.device(id).await? else {
+    let device = app.store.device(certificate_device(parts)?).await?;
+    admit(app, device).await
+}
+
+/// The device read for the request's certificate, if enrolled: keeps the signing key current
+/// and records when it was last seen.
+async fn admit<S: Store>(
+    app: &Arc<App<S>>,
+    device: Option<DeviceRecord>,
+) -> Result<DeviceRecord, ApiError> {
+    let Some(device) = device else {
         return Err(cert_required(
             "the client certificate's device is not enrolled",
         ));
     };
+    let id = device.id;
     let now = app.clock.now();
     if device.revoked_at.is_none() {
         crate::keys::refresh(&app.feed, &app.data_dir, &app.store, now).await;
@@ -199,17 +225,45 @@ fn signed_header(value: &str) -> Result<HeaderValue, ApiError> {
     HeaderValue::from_str(value).map_err(|e| ApiError::internal("signed header", &e))
 }
 
-/// `GET /v1/device/checkpoint`.
+/// `GET /v1/device/checkpoint`: the device and its region's head in one read (the same
+/// checks as [`AuthedDevice`]).
 pub(crate) async fn checkpoint<S: Store>(
     State(app): State<Arc<App<S>>>,
-    AuthedDevice(device): AuthedDevice,
+    DeviceAndHead(device, head): DeviceAndHead,
 ) -> Result<Response, ApiError> {
-    let head = app
-        .store
-        .region_head(device.region.clone())
-        .await?
+    signed_head(&app, &device, head)
+}
+
+/// The signed checkpoint of `head`, `device`'s region's.
+fn signed_head<S: Store>(
+    app: &App<S>,
+    device: &DeviceRecord,
+    head: Option<RegionHead>,
+) -> Result<Response, ApiError> {
+    let head = head
         .ok_or_else(|| ApiError::not_found(format!("region {} does not exist", device.region)))?;
     Ok(octet(app.feed.checkpoint(&head, app.clock.now())))
+}
+
+/// An [`AuthedDevice`] and its region's head, read together.
+#[derive(Debug)]
+pub(crate) struct DeviceAndHead(DeviceRecord, Option<RegionHead>);
+
+impl<S: Store> FromRequestParts<Arc<App<S>>> for DeviceAndHead {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App<S>>,
+    ) -> Result<Self, Self::Rejection> {
+        let read = app
+            .store
+            .device_and_head(certificate_device(parts)?)
+            .await?;
+        let (device, head) = read.map_or((None, None), |(d, h)| (Some(d), h));
+        let device = not_revoked(admit(app, device).await?)?;
+        Ok(DeviceAndHead(device, head))
+    }
 }
 
 /// `GET /v1/device/checkpoint/wait?epoch=E&after=V&wait=S`: the live feed (see
@@ -264,22 +318,20 @@ pub(crate) async fn checkpoint_wait<S: Store>(
     };
     answered(outcome);
     let published = heads.borrow().clone();
-    match (published.heads.get(&device.region), published.read_at) {
-        // Signed as of the read, not of now: the checkpoint never claims more freshness
-        // than the heads it was made from.
-        (Some(&(epoch, version)), Some(read_at))
-            if app.live.is_recent(&published, app.clock.now()) =>
-        {
-            Ok(octet(app.feed.checkpoint_of(
-                &device.region,
-                epoch,
-                version,
-                read_at,
-            )))
-        }
+    let now = app.clock.now();
+    match published.heads.get(&device.region) {
+        // Signed now, as a poll's is (a tablet refuses a checkpoint older than one it has
+        // seen, so the time signed never steps back); the heads were read within
+        // `Heads::is_recent`.
+        Some(&(epoch, version)) if app.live.is_recent(&published, now) => Ok(octet(
+            app.feed.checkpoint_of(&device.region, epoch, version, now),
+        )),
         // Heads not read lately (the server starting, the database away) or a region created
         // since: the store, as a poll (503 when the database does not answer).
-        _ => checkpoint(State(app.clone()), AuthedDevice(device)).await,
+        _ => {
+            let head = app.store.region_head(device.region.clone()).await?;
+            signed_head(&app, &device, head)
+        }
     }
 }
 

@@ -186,6 +186,13 @@ impl Store for AnyStore {
         each!(self, s => s.device(id))
     }
 
+    async fn device_and_head(
+        &self,
+        id: DeviceId,
+    ) -> Result<Option<(DeviceRecord, Option<RegionHead>)>, StoreError> {
+        each!(self, s => s.device_and_head(id))
+    }
+
     async fn touch_device(&self, id: DeviceId, now: DateTime<Utc>) -> Result<(), StoreError> {
         each!(self, s => s.touch_device(id, now))
     }

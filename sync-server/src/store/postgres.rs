@@ -1664,6 +1664,20 @@ impl Store for PostgresStore {
         read_device(&c, &id).await
     }
 
+    async fn device_and_head(
+        &self,
+        id: DeviceId,
+    ) -> Result<Option<(DeviceRecord, Option<RegionHead>)>, StoreError> {
+        // Two statements on one connection, no transaction: the head is one statement, read
+        // after the device (as the two reads of a poll were).
+        let c = self.client().await?;
+        let Some(device) = read_device(&c, &id).await? else {
+            return Ok(None);
+        };
+        let head = region_head(&c, &device.region).await?;
+        Ok(Some((device, head)))
+    }
+
     async fn touch_device(&self, id: DeviceId, now: DateTime<Utc>) -> Result<(), StoreError> {
         let c = self.client().await?;
         exec(

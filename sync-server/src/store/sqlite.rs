@@ -1170,6 +1170,21 @@ impl Store for SqliteStore {
         self.read(move |c| read_device(c, &id))
     }
 
+    fn device_and_head(
+        &self,
+        id: DeviceId,
+    ) -> impl Future<Output = Result<Option<(DeviceRecord, Option<RegionHead>)>, StoreError>> + Send
+    {
+        self.read(move |c| {
+            let tx = c.unchecked_transaction()?;
+            let Some(device) = read_device(&tx, &id)? else {
+                return Ok(None);
+            };
+            let head = region_head(&tx, &device.region)?;
+            Ok(Some((device, head)))
+        })
+    }
+
     fn touch_device(
         &self,
         id: DeviceId,

@@ -144,43 +144,6 @@ async fn a_waiting_tablet_hears_of_an_upload_at_once_and_of_nothing_else() {
 }
 
 #[tokio::test]
-async fn a_live_answer_is_signed_as_of_the_heads_read_not_later() {
-    // Heads re-read only every minute; the (manual) clock then moves 30 s on: the answer still
-    // says when the heads were read, so a tablet is never told its data is fresher than that.
-    let env = Env::start_with(|c| c.live_recheck_millis = 60_000).await;
-    env.seed().await;
-    let leics = env.council_token(LEICS).await;
-    let em = env.enrol(EM).await;
-    let r = env
-        .upload(&leics, LEICS, &csv(&[(1, "CPP", "2024-01-01", "")]))
-        .await;
-    assert_eq!(r.status(), 200);
-    let (epoch, version) = head(&env).await;
-    // The upload's hint has been read once the tablet behind the head is answered with it.
-    let read_at = answered(&em, wait(&env, &em, epoch, 0, 5).await).await;
-    assert_eq!(read_at.head_version, version);
-    let read_time = read_at.server_time;
-    // On PostgreSQL the upload's notification may bring one more read just after: let it
-    // land before the clock moves (then nothing reads the heads for a minute).
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    env.clock.advance(chrono::Duration::seconds(30));
-
-    let cp = answered(&em, wait(&env, &em, epoch, version, 1).await).await;
-    assert_eq!(cp.head_version, version);
-    assert_eq!(cp.server_time, read_time, "signed as of the read");
-    // A poll reads the store now, and says so.
-    let polled = em
-        .client
-        .get(env.url(paths::CHECKPOINT))
-        .send()
-        .await
-        .unwrap();
-    let polled = answered(&em, polled).await;
-    assert_eq!(polled.server_time, env.clock_now());
-    env.stop().await;
-}
-
-#[tokio::test]
 async fn waiting_tablets_are_neither_shed_nor_cut_by_the_request_deadline() {
     let env = Env::start_with(|c| {
         c.max_concurrent_requests = 2;
