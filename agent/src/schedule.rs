@@ -28,7 +28,10 @@
 //! `watch_retry_first` to `watch_retry_max` (at least the server's `Retry-After`), so a fleet
 //! whose server restarts comes back spread out; a server without the live feed, a failed
 //! attempt, or a wait that keeps ending sooner than `watch_min_hold` stops waiting until the
-//! next successful attempt: the tablet polls as before.
+//! next successful attempt: the tablet polls as before. An attempt the live feed brought
+//! forward runs in step with the rest of the region's fleet (they all heard of the change
+//! at once), so if it fails (the server restarting under them), its first retry is spread
+//! like a cut wait's, over up to `watch_retry_first` rather than `backoff_min`.
 
 use std::time::Duration;
 
@@ -157,6 +160,9 @@ pub struct Schedule {
     watch_resume: Instant,
     /// Waiting requests cut in a row.
     watch_failures: u32,
+    /// The attempt due (or running) was brought forward by the live feed: in step with the
+    /// region's fleet.
+    in_step: bool,
 }
 
 fn backoff(cfg: &ScheduleConfig) -> ExponentialBackoff {
@@ -188,6 +194,7 @@ impl Schedule {
             watch_ok: false,
             watch_resume: now,
             watch_failures: 0,
+            in_step: false,
         }
     }
 
@@ -274,6 +281,7 @@ impl Schedule {
             Input::Watched(end) => match end {
                 WatchEnd::Moved => {
                     self.watch_failures = 0;
+                    self.in_step = true;
                     if self.in_flight {
                         self.again = true;
                     } else {
@@ -296,6 +304,7 @@ impl Schedule {
                 WatchEnd::Failed { retry_after } => self.watch_cut(now, retry_after),
             },
             Input::Succeeded => {
+                self.in_step = false;
                 self.watch_ok = true;
                 self.in_flight = false;
                 self.failures = 0;
@@ -314,7 +323,11 @@ impl Schedule {
                 self.in_flight = false;
                 self.again = false;
                 self.failures = self.failures.saturating_add(1);
-                let ceiling = self.backoff.next().unwrap_or(self.cfg.backoff_max);
+                let mut ceiling = self.backoff.next().unwrap_or(self.cfg.backoff_max);
+                if std::mem::take(&mut self.in_step) {
+                    // The whole region failed together: spread the first retry wide.
+                    ceiling = ceiling.max(self.cfg.watch_retry_first);
+                }
                 let spread = ceiling.saturating_sub(self.cfg.min_gap);
                 let mut wait = self.cfg.min_gap + self.jitter(spread);
                 if let Some(ra) = retry_after {
@@ -599,6 +612,46 @@ mod tests {
         );
         attempt(&mut s, Input::Succeeded);
         assert!(!s.should_watch(Instant::now()), "--no-live");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_attempt_the_live_feed_brought_forward_retries_spread_wide() {
+        let c = cfg();
+        // Many tablets woken by the same change, whose attempts then fail together.
+        let mut woken = Vec::new();
+        for i in 0..200u64 {
+            let mut s = Schedule::new(c, seed() + i, Instant::now());
+            attempt(&mut s, Input::Succeeded);
+            tokio::time::advance(Duration::from_secs(60)).await;
+            s.on(Input::Watched(WatchEnd::Moved), Instant::now());
+            woken.push(attempt(&mut s, Input::Failed { retry_after: None }) - Instant::now());
+        }
+        assert!(
+            woken
+                .iter()
+                .all(|w| *w >= c.min_gap && *w <= c.watch_retry_first),
+            "{woken:?}"
+        );
+        // Spread over the whole window, not bunched in its first seconds.
+        let late = woken
+            .iter()
+            .filter(|w| **w > Duration::from_secs(8))
+            .count();
+        let early = woken
+            .iter()
+            .filter(|w| **w < Duration::from_secs(4))
+            .count();
+        assert!(late > 50 && early > 20, "{late} late, {early} early");
+        // Not woken by the feed (a timer, a lookup), the first retry stays short; and the
+        // retry after a success is short again.
+        let mut s = Schedule::new(c, seed(), Instant::now());
+        attempt(&mut s, Input::Succeeded);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        s.on(Input::Watched(WatchEnd::Moved), Instant::now());
+        attempt(&mut s, Input::Succeeded);
+        tokio::time::advance(c.interval + c.interval_jitter).await;
+        let t = attempt(&mut s, Input::Failed { retry_after: None });
+        assert!(t - Instant::now() <= c.backoff_min);
     }
 
     #[tokio::test(start_paused = true)]

@@ -491,9 +491,14 @@ async fn a_new_flag_reaches_every_connected_tablet_within_seconds_with_10000_wai
         when(1.0).as_secs_f64(),
         ms(after_restart),
     );
-    // Not asserted: release runs saw up to 81 of 100 agents back within one second (debug
-    // runs, 10), which is not yet the spread the schedule's jitter promises; the figure is
-    // printed (BENCHMARKS.md) until that is understood.
+    // Spread out, not in step: answered 503 with a random Retry-After (1-30 s), cut (a full
+    // jitter of up to 15 s), or, for agents whose sync the restart broke, a first retry spread
+    // over up to 15 s too. Before that last rule, release runs saw 56-81 of 100 back within
+    // one second; uniform over 15 s, about 7 a second.
+    assert!(
+        busiest * 100 <= agents * 35,
+        "after a restart {busiest} of {agents} agents came back within one second: in step"
+    );
     fleet.shutdown().await;
 }
 
