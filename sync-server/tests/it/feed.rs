@@ -11,7 +11,8 @@ use cpis_sync_server::store::{LogRetention, Store};
 
 use crate::harness::*;
 
-async fn checkpoint(env: &Env, d: &Device) -> Checkpoint {
+/// The signed checkpoint's bytes, as served.
+async fn checkpoint_bytes(env: &Env, d: &Device) -> axum::body::Bytes {
     let r = d
         .client
         .get(env.url(paths::CHECKPOINT))
@@ -20,8 +21,11 @@ async fn checkpoint(env: &Env, d: &Device) -> Checkpoint {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], paths::OCTET);
-    let bytes = r.bytes().await.unwrap();
-    SignedMessage::from_bytes(&bytes)
+    r.bytes().await.unwrap()
+}
+
+async fn checkpoint(env: &Env, d: &Device) -> Checkpoint {
+    SignedMessage::from_bytes(&checkpoint_bytes(env, d).await)
         .unwrap()
         .open::<Checkpoint>(d.enrolment.signing_public_key.verifying_key())
         .unwrap()
@@ -195,20 +199,10 @@ async fn a_head_is_signed_once_a_second_and_a_change_is_answered_at_once() {
     };
     upload(&[(1, "CPP", "2024-01-01", "")]).await;
     let d = env.enrol(EM).await;
-    let raw = || async {
-        let r = d
-            .client
-            .get(env.url(paths::CHECKPOINT))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap()
-    };
     // The same head within a second: the same signed bytes (no new signature).
-    let first = raw().await;
+    let first = checkpoint_bytes(&env, &d).await;
     env.clock.advance(Duration::milliseconds(999));
-    assert_eq!(raw().await, first);
+    assert_eq!(checkpoint_bytes(&env, &d).await, first);
     // A second on, signed again, with the time of the read.
     env.clock.advance(Duration::milliseconds(1));
     let cp = checkpoint(&env, &d).await;
