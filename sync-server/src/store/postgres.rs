@@ -283,6 +283,9 @@ fn council_from_row(row: &Row, at: usize) -> Result<CouncilInfo, StoreError> {
 const DEVICE_COLS: &str = "d.id, d.trust, d.region, d.name, d.agent_version, d.cert_expires_at, \
                            d.enrolled_at, d.last_seen, d.revoked_at";
 
+/// How many columns [`DEVICE_COLS`] names.
+const DEVICE_COLUMNS: usize = 9;
+
 fn device_from_row(row: &Row) -> Result<DeviceRecord, StoreError> {
     Ok(DeviceRecord {
         id: text(row, 0, "devices")?,
@@ -394,37 +397,56 @@ async fn scope_codes<C: GenericClient>(
         .collect()
 }
 
-/// A region's head in one statement (so one snapshot, even outside a transaction: a poll
-/// costs one round trip).
+/// A region head's columns: the epoch, then each council in scope with its newest change.
+const HEAD_COLS: &str = "r.epoch, c.code, c.name, c.region, c.emergency_phone, c.office_phone, \
+                         c.log_floor, (SELECT max(version) FROM changes WHERE changes.council = c.code)";
+/// The councils in region `r`'s scope: its own and its neighbours.
+const HEAD_SCOPE: &str =
+    "c.region = r.id OR c.code IN (SELECT council FROM region_neighbours n WHERE n.region = r.id)";
+
+/// A region's head in one statement (so one snapshot, even outside a transaction).
 async fn region_head<C: GenericClient>(
     c: &C,
     region: &RegionId,
 ) -> Result<Option<RegionHead>, StoreError> {
     let found = rows(
         c,
-        "SELECT r.epoch, c.code, c.name, c.region, c.emergency_phone, c.office_phone, \
-         c.log_floor, (SELECT max(version) FROM changes WHERE changes.council = c.code) \
-         FROM regions r LEFT JOIN councils c ON c.region = r.id OR c.code IN \
-         (SELECT council FROM region_neighbours n WHERE n.region = r.id) \
-         WHERE r.id = $1 ORDER BY c.code",
+        &format!(
+            "SELECT {HEAD_COLS} FROM regions r LEFT JOIN councils c ON {HEAD_SCOPE} \
+             WHERE r.id = $1 ORDER BY c.code"
+        ),
         &[&region.as_str()],
     )
     .await?;
-    let Some(first) = found.first() else {
+    head_from_rows(region, &found, 0)
+}
+
+/// The head in `found` (rows of [`HEAD_COLS`] from column `at`): `None` when the first
+/// row's epoch is null or there is no row (no such region).
+fn head_from_rows(
+    region: &RegionId,
+    found: &[Row],
+    at: usize,
+) -> Result<Option<RegionHead>, StoreError> {
+    let Some(epoch) = found
+        .first()
+        .map(|r| r.try_get::<_, Option<i64>>(at))
+        .transpose()?
+        .flatten()
+    else {
         return Ok(None);
     };
-    let epoch: i64 = first.try_get(0)?;
     let mut councils = Vec::with_capacity(found.len());
     let mut floor = 0u64;
     let mut newest = 0u64;
-    for row in &found {
+    for row in found {
         // A region without councils: one row, its council columns null.
-        if row.try_get::<_, Option<&str>>(1)?.is_none() {
+        if row.try_get::<_, Option<&str>>(at + 1)?.is_none() {
             continue;
         }
-        councils.push(council_from_row(row, 1)?);
-        floor = floor.max(row.try_get::<_, i64>(6)? as u64);
-        newest = newest.max(row.try_get::<_, Option<i64>>(7)?.unwrap_or(0) as u64);
+        councils.push(council_from_row(row, at + 1)?);
+        floor = floor.max(row.try_get::<_, i64>(at + 6)? as u64);
+        newest = newest.max(row.try_get::<_, Option<i64>>(at + 7)?.unwrap_or(0) as u64);
     }
     Ok(Some(RegionHead {
         region: region.clone(),
@@ -1668,13 +1690,23 @@ impl Store for PostgresStore {
         &self,
         id: DeviceId,
     ) -> Result<Option<(DeviceRecord, Option<RegionHead>)>, StoreError> {
-        // Two statements on one connection, no transaction: the head is one statement, read
-        // after the device (as the two reads of a poll were).
+        // One statement: a poll costs one round trip.
         let c = self.client().await?;
-        let Some(device) = read_device(&c, &id).await? else {
+        let found = rows(
+            &c,
+            &format!(
+                "SELECT {DEVICE_COLS}, {HEAD_COLS} FROM devices d \
+                 LEFT JOIN regions r ON r.id = d.region LEFT JOIN councils c ON {HEAD_SCOPE} \
+                 WHERE d.id = $1 ORDER BY c.code"
+            ),
+            &[&id.to_string()],
+        )
+        .await?;
+        let Some(first) = found.first() else {
             return Ok(None);
         };
-        let head = region_head(&c, &device.region).await?;
+        let device = device_from_row(first)?;
+        let head = head_from_rows(&device.region, &found, DEVICE_COLUMNS)?;
         Ok(Some((device, head)))
     }
 

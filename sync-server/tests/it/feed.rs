@@ -24,6 +24,20 @@ async fn checkpoint_bytes(env: &Env, d: &Device) -> axum::body::Bytes {
     r.bytes().await.unwrap()
 }
 
+/// What a poll reads (`Store::device_and_head`) is what the device and region head reads
+/// give apart.
+async fn read_together_as_apart(env: &Env, d: &Device) {
+    let id = d.enrolment.device_id;
+    let (device, head) = env.store().device_and_head(id).await.unwrap().unwrap();
+    assert_eq!(
+        Some(&device),
+        env.store().device(id).await.unwrap().as_ref()
+    );
+    let apart = env.store().region_head(device.region).await.unwrap();
+    assert!(apart.is_some());
+    assert_eq!(head, apart);
+}
+
 async fn checkpoint(env: &Env, d: &Device) -> Checkpoint {
     SignedMessage::from_bytes(&checkpoint_bytes(env, d).await)
         .unwrap()
@@ -213,6 +227,14 @@ async fn a_head_is_signed_once_a_second_and_a_change_is_answered_at_once() {
     let cp = checkpoint(&env, &d).await;
     assert!(cp.head_version > before);
     assert_eq!(cp.server_time, env.clock_now());
+    read_together_as_apart(&env, &d).await;
+    assert!(
+        env.store()
+            .device_and_head(cpis_protocol::DeviceId::new())
+            .await
+            .unwrap()
+            .is_none()
+    );
     // A clock that went back is not answered with a checkpoint from its future.
     env.clock.advance(Duration::seconds(-10));
     assert_eq!(checkpoint(&env, &d).await.server_time, env.clock_now());
@@ -384,6 +406,7 @@ async fn neighbour_councils_change_the_epoch_and_join_the_snapshot() {
         .await
         .unwrap();
     assert_eq!(region.epoch, cp.epoch + 1);
+    read_together_as_apart(&env, &d).await;
     let cp2 = checkpoint(&env, &d).await;
     assert_eq!(cp2.epoch, cp.epoch + 1);
     // A delta asked for in the old epoch is gone: the tablet takes a snapshot.
