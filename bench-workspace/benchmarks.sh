@@ -212,7 +212,7 @@ csv2=$(cat "$FX"/day2/*.csv | wc -c)
 
 # ---- checkpoint polls/s against nginx ---------------------------------------------------------
 step "checkpoint polls: a device identity for the load generator, the checkpoint's bytes"
-serve_checkpoint_bytes
+fetch_checkpoint_bytes
 say "signed checkpoint: $cp_bytes bytes; nginx serves a copy of these bytes"
 
 # Wire bytes of one no-change poll on a kept-alive connection (1 connection, 2 s, relay).

@@ -146,9 +146,9 @@ upload_all() { # upload_all DIR -> prints total seconds
     echo "$total"
 }
 
-# serve_checkpoint_bytes: a device identity for the load generator (CERT, KEY) and the
+# fetch_checkpoint_bytes: a device identity for the load generator (CERT, KEY) and the
 # signed checkpoint the server answers it, copied under $work/www for nginx; sets cp_bytes.
-serve_checkpoint_bytes() {
+fetch_checkpoint_bytes() {
     local etok
     etok="$(admin enrolment-token --trust "$trust" --region "$region_id" --uses 1 --ttl 1h 2> /dev/null)"
     "$TOOL" enrol "$SPORT" "$CA" "$etok" "$work/loadgen" > "$R/loadgen-enrol.txt"

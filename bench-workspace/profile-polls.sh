@@ -57,7 +57,7 @@ FX="$work/fixtures"
 region_fixtures "$FX" "$FLAGS" "$R/fixtures.txt"
 serve_region "$FX"
 upload_all "$FX" > /dev/null
-serve_checkpoint_bytes
+fetch_checkpoint_bytes
 serve_nginx
 say "signed checkpoint: $cp_bytes bytes"
 

@@ -51,8 +51,18 @@ type CacheKey = (RegionId, u64, u64);
 /// `server_time` is then up to this old, and still true: the head has not moved since.
 const CHECKPOINT_REUSE: Duration = Duration::seconds(1);
 
-/// The last checkpoint signed for a region: (epoch, version, signed at, envelope bytes).
-type SignedCheckpoint = (u64, u64, DateTime<Utc>, Bytes);
+/// The last checkpoint signed for a region.
+#[derive(Debug)]
+struct SignedCheckpoint {
+    epoch: u64,
+    version: u64,
+    at: DateTime<Utc>,
+    /// The key that signed it: a poll that signed with the old key just as the key rolled
+    /// over may store its checkpoint after [`Feed::set_key`] cleared the map, so a hit is
+    /// only taken when this is the key signing now.
+    signer: PublicKey,
+    bytes: Bytes,
+}
 
 #[derive(Debug, Default)]
 struct Cache {
@@ -165,13 +175,16 @@ impl Feed {
         version: u64,
         at: DateTime<Utc>,
     ) -> Bytes {
+        let key = self.signing_key();
+        let signer = PublicKey::from(&key);
         if let Ok(signed) = self.checkpoints.lock()
-            && let Some((e, v, t, bytes)) = signed.get(region)
-            && (*e, *v) == (epoch, version)
-            && *t <= at
-            && at - *t < CHECKPOINT_REUSE
+            && let Some(last) = signed.get(region)
+            && (last.epoch, last.version) == (epoch, version)
+            && last.signer == signer
+            && last.at <= at
+            && at - last.at < CHECKPOINT_REUSE
         {
-            return bytes.clone();
+            return last.bytes.clone();
         }
         let checkpoint = Checkpoint {
             region: region.clone(),
@@ -181,19 +194,34 @@ impl Feed {
             expires_at: at + self.checkpoint_ttl,
             policy: self.policy,
         };
-        let bytes = Bytes::from(SignedMessage::sign(&self.signing_key(), &checkpoint).to_bytes());
+        let bytes = Bytes::from(SignedMessage::sign(&key, &checkpoint).to_bytes());
+        self.remember(
+            region,
+            SignedCheckpoint {
+                epoch,
+                version,
+                at,
+                signer,
+                bytes: bytes.clone(),
+            },
+        );
+        bytes
+    }
+
+    /// Keeps a signed checkpoint for the next polls of its region. Two polls signing at once:
+    /// keep the later, so that a tablet answered with it is never answered with the earlier
+    /// one afterwards (tablets refuse a checkpoint older than one they have seen).
+    fn remember(&self, region: &RegionId, checkpoint: SignedCheckpoint) {
         if let Ok(mut signed) = self.checkpoints.lock() {
-            // Two polls signing at once: keep the later, so that a tablet answered with it is
-            // never answered with the earlier one afterwards (tablets refuse a checkpoint
-            // older than one they have seen).
-            let newer = signed
-                .get(region)
-                .is_none_or(|(e, v, t, _)| (*e, *v) != (epoch, version) || *t < at);
+            let newer = signed.get(region).is_none_or(|last| {
+                (last.epoch, last.version, &last.signer)
+                    != (checkpoint.epoch, checkpoint.version, &checkpoint.signer)
+                    || last.at < checkpoint.at
+            });
             if newer {
-                signed.insert(region.clone(), (epoch, version, at, bytes.clone()));
+                signed.insert(region.clone(), checkpoint);
             }
         }
-        bytes
     }
 
     /// Builds, compresses and signs a snapshot of the given state (CPU only).
@@ -378,4 +406,58 @@ pub fn build_snapshot(
         header: signed.to_header(),
         body: Bytes::from(bytes),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(key: &SigningKey) -> Feed {
+        Feed::new(
+            key.clone(),
+            Policy::default(),
+            Duration::hours(24),
+            3,
+            1 << 20,
+        )
+    }
+
+    fn signer_of(bytes: &[u8], old: &SigningKey, new: &SigningKey) -> &'static str {
+        let msg = SignedMessage::from_bytes(bytes).expect("an envelope");
+        if msg.open::<Checkpoint>(&new.verifying_key()).is_ok() {
+            "new"
+        } else if msg.open::<Checkpoint>(&old.verifying_key()).is_ok() {
+            "old"
+        } else {
+            "neither"
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_the_old_key_signed_during_a_rollover_is_never_answered_again() {
+        let old = SigningKey::from_bytes(&[7; 32]);
+        let new = SigningKey::from_bytes(&[8; 32]);
+        let feed = feed(&old);
+        let region: RegionId = "Y56".parse().expect("a region");
+        let at = Utc::now();
+        let first = feed.checkpoint_of(&region, 1, 5, at);
+        assert_eq!(signer_of(&first, &old, &new), "old");
+
+        // A poll signed with the old key, the key rolled over, then that poll kept its
+        // checkpoint: the order a race between a poll and `set_key` can take.
+        let raced = SignedCheckpoint {
+            epoch: 1,
+            version: 5,
+            at,
+            signer: PublicKey::from(&old),
+            bytes: first.clone(),
+        };
+        assert!(feed.set_key(new.clone()));
+        feed.remember(&region, raced);
+
+        let next = feed.checkpoint_of(&region, 1, 5, at);
+        assert_eq!(signer_of(&next, &old, &new), "new");
+        // And the new key's checkpoint is the one reused from then on.
+        assert_eq!(feed.checkpoint_of(&region, 1, 5, at), next);
+    }
 }
