@@ -315,6 +315,9 @@ sg_gz=$(res "$S" snapshot_gzip gzip_bytes); sg_ms=$(res "$S" snapshot_gzip gzip_
 z3=$(res "$S" snapshot_zstd3 bytes); z3ms=$(res "$S" snapshot_zstd3 ms)
 z9=$(res "$S" snapshot_zstd9 bytes); z9ms=$(res "$S" snapshot_zstd9 ms)
 z19=$(res "$S" snapshot_zstd19 bytes); z19ms=$(res "$S" snapshot_zstd19 ms)
+c3=$(res "$S" snapshot_columns_zstd3 bytes); c3ms=$(res "$S" snapshot_columns_zstd3 ms)
+c9=$(res "$S" snapshot_columns_zstd9 bytes); c9ms=$(res "$S" snapshot_columns_zstd9 ms)
+c19=$(res "$S" snapshot_columns_zstd19 bytes); c19ms=$(res "$S" snapshot_columns_zstd19 ms)
 sp=$(res "$P" server polls_per_s); sp50=$(res "$P" server p50_us); sp99=$(res "$P" server p99_us)
 np=$(res "$P" nginx polls_per_s); np50=$(res "$P" nginx p50_us); np99=$(res "$P" nginx p99_us)
 sreq=$(res "$P" server requests); nreq=$(res "$P" nginx requests)
@@ -438,11 +441,16 @@ The signed checkpoint's body is $cp_bytes bytes. Snapshot body alone (server ben
 $(thou "$sg_flags") flags of another seed), against gzip -6 of the same flags as CSV
 ($(thou "$sg_gz") B, $(FMT=%.2f calc "$sg_gz / $sg_flags") B/flag, gzip took $sg_ms ms):
 
-| Snapshot body | Bytes | B/flag | Build + compress + sign | ÷ gzip CSV |
-|---|---|---|---|---|
-| zstd 3 | $(thou "$z3") | $(FMT=%.2f calc "$z3 / $sg_flags") | $z3ms ms | $(x "$z3" "$sg_gz") |
-| zstd 9 (server default) | $(thou "$z9") | $(FMT=%.2f calc "$z9 / $sg_flags") | $z9ms ms | $(x "$z9" "$sg_gz") |
-| zstd 19 | $(thou "$z19") | $(FMT=%.2f calc "$z19 / $sg_flags") | $z19ms ms | $(x "$z19" "$sg_gz") |
+| Snapshot body | Bytes | B/flag | Build + compress + sign | ÷ gzip CSV | ÷ rows, same level |
+|---|---|---|---|---|---|
+| Columns (format 3, what tablets get), zstd 3 | $(thou "$c3") | $(FMT=%.2f calc "$c3 / $sg_flags") | $c3ms ms | $(x "$c3" "$sg_gz") | $(x "$c3" "$z3") |
+| Columns, zstd 9 (server default) | $(thou "$c9") | $(FMT=%.2f calc "$c9 / $sg_flags") | $c9ms ms | $(x "$c9" "$sg_gz") | $(x "$c9" "$z9") |
+| Columns, zstd 19 | $(thou "$c19") | $(FMT=%.2f calc "$c19 / $sg_flags") | $c19ms ms | $(x "$c19" "$sg_gz") | $(x "$c19" "$z19") |
+| Rows (format 2, tablets that ask for no format), zstd 3 | $(thou "$z3") | $(FMT=%.2f calc "$z3 / $sg_flags") | $z3ms ms | $(x "$z3" "$sg_gz") | |
+| Rows, zstd 9 | $(thou "$z9") | $(FMT=%.2f calc "$z9 / $sg_flags") | $z9ms ms | $(x "$z9" "$sg_gz") | |
+| Rows, zstd 19 | $(thou "$z19") | $(FMT=%.2f calc "$z19 / $sg_flags") | $z19ms ms | $(x "$z19" "$sg_gz") | |
+
+Target (issue 16, part 3): at most 8 B/flag on the wire with the server's default level.
 
 ## Checkpoint polls per second
 

@@ -659,7 +659,7 @@ impl Agent {
         body: &[u8],
     ) -> Result<SnapshotMeta, AgentError> {
         let meta = self.check_snapshot_meta(cp, signed)?;
-        let snap: SnapshotBody = meta.body.open(body)?;
+        let snap: SnapshotBody = meta.body.open_snapshot(body)?;
         if snap.flags.len() as u64 != meta.flag_count {
             return Err(VerifyError::Malformed(format!(
                 "snapshot holds {} flags, its metadata declares {}",

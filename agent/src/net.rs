@@ -16,7 +16,7 @@ use cpis_protocol::api::{EnrolRequest, EnrolResponse, ErrorBody, codes, paths};
 use cpis_protocol::confirm::{self, ConfirmRequest, ConfirmResponse};
 use cpis_protocol::lifecycle::{self, DeviceReport, KeyChain, RenewRequest, RenewResponse};
 use cpis_protocol::{
-    AccessEvent, BodyInfo, EventBatch, EventUploadAck, SignedMessage, VerifyError,
+    AccessEvent, BodyInfo, EventBatch, EventUploadAck, SNAPSHOT_FORMATS, SignedMessage, VerifyError,
 };
 
 use crate::download::{DownloadError, SealedDownload};
@@ -366,9 +366,12 @@ impl DeviceClient {
         )?)
     }
 
-    /// The current snapshot's signed metadata.
+    /// The current snapshot's signed metadata, its body in the newest format this version
+    /// reads (a server from before that format ignores the ask and sends rows, which this
+    /// version reads too: the format is in the signed metadata).
     pub async fn snapshot_meta(&self) -> Result<SignedMessage, NetError> {
-        let (url, resp) = self.get(paths::SNAPSHOT).await?;
+        let path = format!("{}?format={}", paths::SNAPSHOT, SNAPSHOT_FORMATS[0]);
+        let (url, resp) = self.get(&path).await?;
         if !resp.status().is_success() {
             return Err(error_of(resp).await);
         }
@@ -423,9 +426,10 @@ impl DeviceClient {
         let mut have = dl.len();
         if have < info.len {
             let url = format!(
-                "{}{}/{epoch}/{version}",
+                "{}{}/{epoch}/{version}?format={}",
                 self.base,
-                paths::SNAPSHOT_BODY_PREFIX
+                paths::SNAPSHOT_BODY_PREFIX,
+                info.format
             );
             let mut req = self.http.get(&url);
             if have > 0 {

@@ -23,10 +23,11 @@ pub mod paths {
     pub const CHECKPOINT_WAIT: &str = "/v1/device/checkpoint/wait";
     /// `GET ?from=V`: a delta from V to head (signed metadata in [`SIGNED_HEADER`]).
     pub const DELTA: &str = "/v1/device/delta";
-    /// `GET`: the current snapshot's signed metadata (body: signed envelope bytes).
+    /// `GET [?format=F]` ([`super::SnapshotQuery`]): the current snapshot's signed metadata
+    /// (body: signed envelope bytes).
     pub const SNAPSHOT: &str = "/v1/device/snapshot";
-    /// `GET /v1/device/snapshots/{epoch}/{version}`: a snapshot body; HTTP Range supported;
-    /// signed metadata in [`SIGNED_HEADER`].
+    /// `GET /v1/device/snapshots/{epoch}/{version}[?format=F]`: a snapshot body; HTTP Range
+    /// supported; signed metadata in [`SIGNED_HEADER`].
     pub const SNAPSHOT_BODY_PREFIX: &str = "/v1/device/snapshots";
     /// `POST`: a batch of access events (JSON [`crate::EventBatch`]).
     pub const EVENTS: &str = "/v1/device/events";
@@ -45,6 +46,14 @@ pub struct WaitQuery {
     pub after: u64,
     /// Seconds the tablet waits at most.
     pub wait: u64,
+}
+
+/// The query of [`paths::SNAPSHOT`] and of a snapshot body: the body format the tablet reads.
+/// Without it the body is in [`crate::BODY_FORMAT`] (rows), which tablets from before the
+/// columnar format ([`crate::COLUMNS_FORMAT`]) read; the format is in the signed metadata.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotQuery {
+    pub format: Option<u16>,
 }
 
 /// Error codes in `{error:{code}}` bodies that clients act on.

@@ -14,11 +14,18 @@ use crate::ids::RegionId;
 use crate::policy::Policy;
 use crate::verify::VerifyError;
 
-/// The version of the body encoding; bumped when a body type changes shape.
+/// The version of the row body encoding (`zstd(postcard(body))`); bumped when a body type
+/// changes shape.
 ///
 /// 2: snapshots carry each held subject's recent contacts; deltas carry
-/// [`Change::Contacts`].
+/// [`Change::Contacts`]. Deltas are always in this format; snapshots in it only for tablets
+/// that do not ask for [`COLUMNS_FORMAT`].
 pub const BODY_FORMAT: u16 = 2;
+
+pub use crate::columns::COLUMNS_FORMAT;
+
+/// The snapshot body formats a tablet of this version reads, newest first.
+pub const SNAPSHOT_FORMATS: [u16; 2] = [COLUMNS_FORMAT, BODY_FORMAT];
 
 /// A region's head, signed: polled often, costs one small message when nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,10 +116,30 @@ pub struct DeltaBody {
 /// Encodes a body (`zstd(postcard(body))`) and describes it for signed metadata.
 pub fn encode_body<T: Serialize>(body: &T, zstd_level: i32) -> Result<(Vec<u8>, BodyInfo), String> {
     let raw = postcard::to_stdvec(body).map_err(|e| format!("encoding body: {e}"))?;
+    compress(&raw, zstd_level, BODY_FORMAT)
+}
+
+/// Encodes a snapshot body in `format` ([`COLUMNS_FORMAT`] or [`BODY_FORMAT`]) and describes
+/// it for signed metadata.
+pub fn encode_snapshot(
+    body: &SnapshotBody,
+    zstd_level: i32,
+    format: u16,
+) -> Result<(Vec<u8>, BodyInfo), String> {
+    match format {
+        COLUMNS_FORMAT => compress(&crate::columns::encode(body)?, zstd_level, format),
+        BODY_FORMAT => encode_body(body, zstd_level),
+        other => Err(format!(
+            "snapshot body format {other} is not one this version writes ({SNAPSHOT_FORMATS:?})"
+        )),
+    }
+}
+
+fn compress(raw: &[u8], zstd_level: i32, format: u16) -> Result<(Vec<u8>, BodyInfo), String> {
     let compressed =
-        zstd::bulk::compress(&raw, zstd_level).map_err(|e| format!("compressing body: {e}"))?;
+        zstd::bulk::compress(raw, zstd_level).map_err(|e| format!("compressing body: {e}"))?;
     let info = BodyInfo {
-        format: BODY_FORMAT,
+        format,
         len: compressed.len() as u64,
         raw_len: raw.len() as u64,
         sha256: Sha256::digest(&compressed).into(),
@@ -149,15 +176,40 @@ impl BodyInfo {
         Ok(())
     }
 
-    /// Verifies size and digest, then decompresses (never past `raw_len`) and decodes.
+    /// Verifies size and digest, then decompresses (never past `raw_len`) and decodes a row
+    /// body ([`BODY_FORMAT`]).
     pub fn open<T: DeserializeOwned>(&self, body: &[u8]) -> Result<T, VerifyError> {
-        self.verify(body)?;
-        if self.format != BODY_FORMAT {
-            return Err(VerifyError::Malformed(format!(
-                "body format {} is not supported (expected {BODY_FORMAT})",
-                self.format
-            )));
+        self.expect_format(&[BODY_FORMAT])?;
+        postcard::from_bytes(&self.decompress(body)?)
+            .map_err(|e| VerifyError::Malformed(format!("decoding body: {e}")))
+    }
+
+    /// [`BodyInfo::open`] for a snapshot body, in any of [`SNAPSHOT_FORMATS`].
+    pub fn open_snapshot(&self, body: &[u8]) -> Result<SnapshotBody, VerifyError> {
+        self.expect_format(&SNAPSHOT_FORMATS)?;
+        let raw = self.decompress(body)?;
+        if self.format == COLUMNS_FORMAT {
+            crate::columns::decode(&raw)
+                .map_err(|e| VerifyError::Malformed(format!("decoding snapshot columns: {e}")))
+        } else {
+            postcard::from_bytes(&raw)
+                .map_err(|e| VerifyError::Malformed(format!("decoding body: {e}")))
         }
+    }
+
+    fn expect_format(&self, formats: &[u16]) -> Result<(), VerifyError> {
+        if formats.contains(&self.format) {
+            return Ok(());
+        }
+        Err(VerifyError::Malformed(format!(
+            "body format {} is not supported (this version reads {formats:?})",
+            self.format
+        )))
+    }
+
+    /// Verifies size and digest, then decompresses, never past `raw_len`.
+    fn decompress(&self, body: &[u8]) -> Result<Vec<u8>, VerifyError> {
+        self.verify(body)?;
         let cap = usize::try_from(self.raw_len)
             .map_err(|_| VerifyError::Malformed("raw length too large".into()))?;
         let raw = zstd::bulk::decompress(body, cap)
@@ -169,7 +221,6 @@ impl BodyInfo {
                 self.raw_len
             )));
         }
-        postcard::from_bytes(&raw)
-            .map_err(|e| VerifyError::Malformed(format!("decoding body: {e}")))
+        Ok(raw)
     }
 }

@@ -4,6 +4,7 @@
 //! agent and the tools encode and decode through it.
 
 pub mod api;
+mod columns;
 pub mod confirm;
 pub mod contacts;
 pub mod dates;
@@ -25,8 +26,8 @@ pub use events::{
     AccessEvent, CareSetting, EventBatch, EventUploadAck, LookupResult, RejectedEvent,
 };
 pub use feed::{
-    BodyInfo, Change, Checkpoint, DeltaBody, DeltaMeta, SnapshotBody, SnapshotMeta,
-    VersionedChange, encode_body,
+    BODY_FORMAT, BodyInfo, COLUMNS_FORMAT, Change, Checkpoint, DeltaBody, DeltaMeta,
+    SNAPSHOT_FORMATS, SnapshotBody, SnapshotMeta, VersionedChange, encode_body, encode_snapshot,
 };
 pub use flag::{CouncilInfo, FlagKey, FlagRecord, retained_until};
 pub use ids::{CouncilCode, DeviceId, EventId, IdError, PlanType, RegionId, TrustCode};

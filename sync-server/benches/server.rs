@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use chrono::{NaiveDate, TimeZone as _, Utc};
 use cpis_fixtures::{Config as FixtureConfig, Dataset, Directory, council_csv_bytes};
 use cpis_protocol::api::{EnrolRequest, EnrolResponse, UploadReceipt, paths};
-use cpis_protocol::{FlagRecord, SigningKey};
+use cpis_protocol::{BODY_FORMAT, COLUMNS_FORMAT, FlagRecord, SigningKey};
 use cpis_sync_server::clock::ManualClock;
 use cpis_sync_server::config::{Config, SheddingConfig};
 use cpis_sync_server::feed::build_snapshot;
@@ -302,28 +302,35 @@ async fn run() {
         gzipped.len(),
         gzip_time.as_secs_f64() * 1000.0
     );
-    for level in [3, 9, 19] {
-        let t = Instant::now();
-        let snapshot = RegionSnapshot {
-            head: head.clone(),
-            flags: region_flags.clone(),
-            contacts: vec![],
-        };
-        let built = build_snapshot(&signing, level, snapshot, now).unwrap();
-        let time = t.elapsed();
-        let per = built.body.len() as f64 / count;
-        println!(
-            "   zstd {level:>2} + postcard + sign: {:>9}  {:.2} B/flag ({} bytes; {:.2}x smaller than gzip CSV)",
-            ms(time),
-            per,
-            built.body.len(),
-            gzipped.len() as f64 / built.body.len() as f64
-        );
-        println!(
-            "RESULT snapshot_zstd{level} bytes={} ms={:.1}",
-            built.body.len(),
-            time.as_secs_f64() * 1000.0
-        );
+    // Rows: what tablets from before the columnar body get (RESULT snapshot_zstdN); columns:
+    // what tablets of this version get (RESULT snapshot_columns_zstdN).
+    for (format, what, result) in [
+        (BODY_FORMAT, "rows", "snapshot_zstd"),
+        (COLUMNS_FORMAT, "columns", "snapshot_columns_zstd"),
+    ] {
+        for level in [3, 9, 19] {
+            let t = Instant::now();
+            let snapshot = RegionSnapshot {
+                head: head.clone(),
+                flags: region_flags.clone(),
+                contacts: vec![],
+            };
+            let built = build_snapshot(&signing, level, format, snapshot, now).unwrap();
+            let time = t.elapsed();
+            let per = built.body.len() as f64 / count;
+            println!(
+                "   {what:>7}, zstd {level:>2} + sign: {:>9}  {:.2} B/flag ({} bytes; {:.2}x smaller than gzip CSV)",
+                ms(time),
+                per,
+                built.body.len(),
+                gzipped.len() as f64 / built.body.len() as f64
+            );
+            println!(
+                "RESULT {result}{level} bytes={} ms={:.1}",
+                built.body.len(),
+                time.as_secs_f64() * 1000.0
+            );
+        }
     }
     println!("   (the server's default zstd level is 9; see server.toml zstd_level)");
 }

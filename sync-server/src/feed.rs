@@ -1,5 +1,6 @@
 //! The signed regional feed (DESIGN.md §4): checkpoints, deltas from the change log, and
-//! snapshots built once per (region, epoch, version) and kept in a memory-bounded LRU cache.
+//! snapshots built once per (region, epoch, version, body format) and kept in a
+//! memory-bounded LRU cache.
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -8,7 +9,7 @@ use axum::body::Bytes;
 use chrono::{DateTime, Duration, Utc};
 use cpis_protocol::{
     Checkpoint, DeltaBody, DeltaMeta, Policy, PublicKey, RegionId, SignedMessage, SigningKey,
-    SnapshotBody, SnapshotMeta, encode_body,
+    SnapshotBody, SnapshotMeta, encode_body, encode_snapshot,
 };
 
 use crate::metrics::Metrics;
@@ -44,7 +45,8 @@ pub struct BuiltDelta {
     pub body: Bytes,
 }
 
-type CacheKey = (RegionId, u64, u64);
+/// (region, epoch, version, body format).
+type CacheKey = (RegionId, u64, u64, u16);
 
 /// How long a signed checkpoint is answered again for the same head: polls within it cost no
 /// signature (the profile of a busy poll path put signing at a tenth of its time). Its
@@ -224,15 +226,6 @@ impl Feed {
         }
     }
 
-    /// Builds, compresses and signs a snapshot of the given state (CPU only).
-    pub fn build_snapshot(
-        &self,
-        snapshot: RegionSnapshot,
-        now: DateTime<Utc>,
-    ) -> Result<BuiltSnapshot, FeedError> {
-        build_snapshot(&self.signing_key(), self.zstd_level, snapshot, now)
-    }
-
     /// Builds and signs the delta of `changes` from `from` to the region's head.
     pub fn build_delta(
         &self,
@@ -263,12 +256,13 @@ impl Feed {
         })
     }
 
-    /// A cached snapshot, if present.
+    /// A cached snapshot in body `format`, if present.
     pub fn cached(
         &self,
         region: &RegionId,
         epoch: u64,
         version: u64,
+        format: u16,
     ) -> Option<Arc<BuiltSnapshot>> {
         let mut cache = self.cache.lock().ok()?;
         cache.tick += 1;
@@ -276,7 +270,7 @@ impl Feed {
         cache
             .entries
             .iter_mut()
-            .find(|(k, _, _)| k.0 == *region && k.1 == epoch && k.2 == version)
+            .find(|(k, _, _)| k.0 == *region && (k.1, k.2, k.3) == (epoch, version, format))
             .map(|(_, s, used)| {
                 *used = tick;
                 s.clone()
@@ -293,6 +287,7 @@ impl Feed {
             snapshot.meta.region.clone(),
             snapshot.meta.epoch,
             snapshot.meta.version,
+            snapshot.meta.body.format,
         );
         cache.entries.retain(|(k, _, _)| *k != key);
         cache.entries.push((key, snapshot, tick));
@@ -316,41 +311,43 @@ impl Feed {
         }
     }
 
-    /// The snapshot of the region's current head, built (once) if not cached. `None` for an
-    /// unknown region.
+    /// The snapshot of the region's current head in body `format`, built (once) if not
+    /// cached. `None` for an unknown region.
     pub async fn current_snapshot<S: Store>(
         &self,
         store: &S,
         region: &RegionId,
+        format: u16,
         now: DateTime<Utc>,
         metrics: &Metrics,
     ) -> Result<Option<Arc<BuiltSnapshot>>, FeedError> {
         let Some(head) = store.region_head(region.clone()).await? else {
             return Ok(None);
         };
-        if let Some(hit) = self.cached(region, head.epoch, head.version) {
+        if let Some(hit) = self.cached(region, head.epoch, head.version, format) {
             metrics.snapshot_cache_hits.inc();
             return Ok(Some(hit));
         }
         // One build at a time: a crowd of tablets asking at once waits for the first build.
         let _building = self.build.lock().await;
-        if let Some(hit) = self.cached(region, head.epoch, head.version) {
+        if let Some(hit) = self.cached(region, head.epoch, head.version, format) {
             metrics.snapshot_cache_hits.inc();
             return Ok(Some(hit));
         }
         let Some(snapshot) = store.region_snapshot(region.clone()).await? else {
             return Ok(None);
         };
-        if let Some(hit) = self.cached(region, snapshot.head.epoch, snapshot.head.version) {
+        if let Some(hit) = self.cached(region, snapshot.head.epoch, snapshot.head.version, format) {
             return Ok(Some(hit));
         }
         let started = Instant::now();
         let key = self.signing_key();
         let signer = key.verifying_key();
         let level = self.zstd_level;
-        let built = tokio::task::spawn_blocking(move || build_snapshot(&key, level, snapshot, now))
-            .await
-            .map_err(|e| FeedError::Task(e.to_string()))??;
+        let built =
+            tokio::task::spawn_blocking(move || build_snapshot(&key, level, format, snapshot, now))
+                .await
+                .map_err(|e| FeedError::Task(e.to_string()))??;
         metrics
             .snapshot_build_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -359,6 +356,7 @@ impl Feed {
             epoch = built.meta.epoch,
             version = built.meta.version,
             flags = built.meta.flag_count,
+            format,
             bytes = built.body.len(),
             ms = started.elapsed().as_millis() as u64,
             "built snapshot"
@@ -372,10 +370,13 @@ impl Feed {
     }
 }
 
-/// Builds, compresses and signs a snapshot of a region's state.
+/// Builds, compresses and signs a snapshot of a region's state, its body in `format`
+/// ([`cpis_protocol::COLUMNS_FORMAT`], or [`cpis_protocol::BODY_FORMAT`] for tablets that do
+/// not ask for it).
 pub fn build_snapshot(
     key: &SigningKey,
     zstd_level: i32,
+    format: u16,
     snapshot: RegionSnapshot,
     now: DateTime<Utc>,
 ) -> Result<BuiltSnapshot, FeedError> {
@@ -390,7 +391,7 @@ pub fn build_snapshot(
         flags,
         contacts,
     };
-    let (bytes, info) = encode_body(&body, zstd_level).map_err(FeedError::Encode)?;
+    let (bytes, info) = encode_snapshot(&body, zstd_level, format).map_err(FeedError::Encode)?;
     let meta = SnapshotMeta {
         region: head.region.clone(),
         epoch: head.epoch,

@@ -4,8 +4,8 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use cpis_agent::agent::{Enrolment, TlsMaterial};
 use cpis_protocol::{
-    Checkpoint, CouncilInfo, FlagRecord, Policy, PublicKey, SignedMessage, SigningKey,
-    SnapshotBody, SnapshotMeta, encode_body,
+    COLUMNS_FORMAT, Checkpoint, CouncilInfo, FlagRecord, Policy, PublicKey, SignedMessage,
+    SigningKey, SnapshotBody, SnapshotMeta, encode_snapshot,
 };
 
 /// A region's flags as a signed snapshot at version 100, with the checkpoint that leads to
@@ -31,13 +31,14 @@ pub(crate) fn region(n: usize, seed: u64, now: DateTime<Utc>) -> Region {
     let flags: Vec<FlagRecord> = ds.flags().cloned().collect();
     let councils: Vec<CouncilInfo> = ds.directory.councils.iter().map(|c| c.info()).collect();
     let key = SigningKey::from_bytes(&[7u8; 32]);
-    let (body, info) = encode_body(
+    let (body, info) = encode_snapshot(
         &SnapshotBody {
             councils: councils.clone(),
             flags: flags.clone(),
             contacts: vec![],
         },
         3,
+        COLUMNS_FORMAT,
     )
     .unwrap();
     let snapshot = SignedMessage::sign(

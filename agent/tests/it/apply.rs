@@ -30,6 +30,16 @@ fn setup() -> Setup {
     }
 }
 
+/// A plain lookup of one NHS number.
+fn look_up(agent: &Agent, n: cpis_protocol::NhsNumber) -> cpis_protocol::local::LookupResponse {
+    agent
+        .lookup(LookupInput {
+            nhs_number: &n.to_string(),
+            ..Default::default()
+        })
+        .unwrap()
+}
+
 /// The previous data is still there, answering as before.
 fn assert_kept(s: &Setup) {
     let st = s.agent.state().unwrap();
@@ -273,14 +283,7 @@ fn delta_applies_changes() {
     let (meta, bytes) = s.feed.delta(1, 10, 13, t0(), &body);
     s.agent.apply_delta(&cp, &meta, &bytes).unwrap();
     assert_eq!(s.agent.state().unwrap().data, Some((1, 13)));
-    let look = |n: cpis_protocol::NhsNumber| {
-        s.agent
-            .lookup(LookupInput {
-                nhs_number: &n.to_string(),
-                ..Default::default()
-            })
-            .unwrap()
-    };
+    let look = |n| look_up(&s.agent, n);
     let still_flagged = s
         .data
         .flags
@@ -349,4 +352,47 @@ fn delta_carrying_recent_contacts_applies_and_keeps_flags() {
         .filter(|f| f.nhs_number == subject)
         .count();
     assert_eq!(r.flags.len(), held);
+}
+
+/// A server from before the columnar body sends snapshots as rows (body format 2): this
+/// version installs them the same.
+#[test]
+fn a_snapshot_in_the_row_format_of_an_older_server_installs() {
+    let s = setup();
+    let gone = s.data.flags[0].nhs_number;
+    let kept: Vec<cpis_protocol::FlagRecord> = s
+        .data
+        .flags
+        .iter()
+        .filter(|f| f.nhs_number != gone)
+        .cloned()
+        .collect();
+    let body = cpis_protocol::SnapshotBody {
+        councils: s.data.councils.clone(),
+        flags: kept.clone(),
+        contacts: vec![],
+    };
+    let (bytes, info) =
+        cpis_protocol::encode_snapshot(&body, 3, cpis_protocol::BODY_FORMAT).unwrap();
+    assert_eq!(info.format, 2);
+    let meta = cpis_protocol::SnapshotMeta {
+        region: s.feed.region.clone(),
+        epoch: 1,
+        version: 11,
+        server_time: t0(),
+        flag_count: kept.len() as u64,
+        body: info,
+    };
+    let cp = s
+        .agent
+        .accept_checkpoint(&s.feed.checkpoint(1, 11, t0()))
+        .unwrap();
+    let signed = SignedMessage::sign(&s.feed.key, &meta);
+    s.agent.apply_snapshot(&cp, &signed, &bytes).unwrap();
+    assert_eq!(s.agent.state().unwrap().data, Some((1, 11)));
+    assert_eq!(look_up(&s.agent, gone).result, LookupResult::NotFlagged);
+    assert_eq!(
+        look_up(&s.agent, kept[0].nhs_number).result,
+        LookupResult::Flagged
+    );
 }

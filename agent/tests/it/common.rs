@@ -8,8 +8,9 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 use cpis_agent::agent::{Enrolment, TlsMaterial};
 use cpis_agent::{Agent, AgentError, Clock, ManualClock};
 use cpis_protocol::{
-    Checkpoint, CouncilInfo, DeltaBody, DeltaMeta, FlagRecord, Policy, PublicKey, RegionId,
-    SignedMessage, SigningKey, SnapshotBody, SnapshotMeta, VerifyError, encode_body,
+    COLUMNS_FORMAT, Checkpoint, CouncilInfo, DeltaBody, DeltaMeta, FlagRecord, Policy, PublicKey,
+    RegionId, SignedMessage, SigningKey, SnapshotBody, SnapshotMeta, VerifyError, encode_body,
+    encode_snapshot,
 };
 
 /// The fixed start of test time.
@@ -114,7 +115,7 @@ impl Feed {
             flags: flags.to_vec(),
             contacts: vec![],
         };
-        let (bytes, info) = encode_body(&body, 3).unwrap();
+        let (bytes, info) = encode_snapshot(&body, 3, COLUMNS_FORMAT).unwrap();
         let meta = SnapshotMeta {
             region: self.region.clone(),
             epoch,

@@ -146,7 +146,9 @@ fn nothing_readable_in_the_state_dir() {
 async fn interrupted_download_leaves_nothing_readable() {
     let now = Utc::now();
     let env = Env::start(now).await;
-    let rows = random_rows(5, 6_000, now.date_naive());
+    // Enough rows that half the (columnar, about 4 B a flag) body is well past the TLS
+    // handshake and the requests before it.
+    let rows = random_rows(5, 20_000, now.date_naive());
     let (leics, notts) = rows.split_at(rows.len() / 2);
     for (ods, part) in [(LEICS, leics), (NOTTS, notts)] {
         let refs: Vec<_> = part

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod codec;
+mod columns;
 mod nhs;
 mod verify;
 

@@ -11,8 +11,8 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Duration;
-use cpis_protocol::DeviceId;
-use cpis_protocol::api::{EnrolRequest, EnrolResponse, WaitQuery, codes, paths};
+use cpis_protocol::api::{EnrolRequest, EnrolResponse, SnapshotQuery, WaitQuery, codes, paths};
+use cpis_protocol::{BODY_FORMAT, DeviceId, SNAPSHOT_FORMATS};
 use serde::Deserialize;
 
 use super::{ApiError, App};
@@ -394,35 +394,74 @@ pub(crate) async fn delta<S: Store>(
     Ok(response)
 }
 
-/// `GET /v1/device/snapshot`: the signed metadata of the region's current snapshot.
+/// The snapshot body format a request asks for: rows when it names none (tablets from before
+/// the columnar format), `400` for one this server does not write.
+fn snapshot_format(
+    query: Result<Query<SnapshotQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<u16, ApiError> {
+    let bad = |why: String| {
+        ApiError::bad_request(
+            "bad_query",
+            format!(
+                "give ?format=F, F one of the snapshot body formats this server writes {:?}: {why}",
+                SNAPSHOT_FORMATS
+            ),
+        )
+    };
+    let Query(q) = query.map_err(|e| bad(e.body_text()))?;
+    match q.format {
+        None => Ok(BODY_FORMAT),
+        Some(f) if SNAPSHOT_FORMATS.contains(&f) => Ok(f),
+        Some(f) => Err(bad(format!("{f} is not one of them"))),
+    }
+}
+
+/// The device's region's current snapshot in `format` (built once; `None` for no region).
+async fn current_snapshot<S: Store>(
+    app: &App<S>,
+    device: &DeviceRecord,
+    format: u16,
+) -> Result<Option<Arc<BuiltSnapshot>>, ApiError> {
+    Ok(app
+        .feed
+        .current_snapshot(
+            &app.store,
+            &device.region,
+            format,
+            app.clock.now(),
+            &app.metrics,
+        )
+        .await?)
+}
+
+/// `GET /v1/device/snapshot[?format=F]`: the signed metadata of the region's current snapshot.
 pub(crate) async fn snapshot<S: Store>(
     State(app): State<Arc<App<S>>>,
     AuthedDevice(device): AuthedDevice,
+    query: Result<Query<SnapshotQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let snapshot = app
-        .feed
-        .current_snapshot(&app.store, &device.region, app.clock.now(), &app.metrics)
+    let format = snapshot_format(query)?;
+    let snapshot = current_snapshot(&app, &device, format)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("region {} does not exist", device.region)))?;
     Ok(octet(snapshot.signed.clone()))
 }
 
-/// `GET /v1/device/snapshots/{epoch}/{version}`: the body, with HTTP Range support.
+/// `GET /v1/device/snapshots/{epoch}/{version}[?format=F]`: the body, with HTTP Range
+/// support.
 pub(crate) async fn snapshot_body<S: Store>(
     State(app): State<Arc<App<S>>>,
     AuthedDevice(device): AuthedDevice,
     Path((epoch, version)): Path<(u64, u64)>,
+    query: Result<Query<SnapshotQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let snapshot = match app.feed.cached(&device.region, epoch, version) {
+    let format = snapshot_format(query)?;
+    let snapshot = match app.feed.cached(&device.region, epoch, version, format) {
         Some(s) => s,
         None => {
             // Not cached (e.g. after a restart): build it if it is still the current one.
-            let current = app
-                .feed
-                .current_snapshot(&app.store, &device.region, app.clock.now(), &app.metrics)
-                .await?;
-            match current {
+            match current_snapshot(&app, &device, format).await? {
                 Some(s) if s.meta.epoch == epoch && s.meta.version == version => s,
                 _ => {
                     return Err(ApiError::new(

@@ -4,8 +4,8 @@
 use chrono::Duration;
 use cpis_protocol::api::{ErrorBody, codes, paths};
 use cpis_protocol::{
-    Change, Checkpoint, DeltaBody, DeltaMeta, Position, PublicKey, SignedMessage, SnapshotBody,
-    SnapshotMeta,
+    BODY_FORMAT, COLUMNS_FORMAT, Change, Checkpoint, DeltaBody, DeltaMeta, Position, PublicKey,
+    SignedMessage, SnapshotBody, SnapshotMeta,
 };
 use cpis_sync_server::store::{LogRetention, Store};
 
@@ -45,11 +45,17 @@ async fn checkpoint(env: &Env, d: &Device) -> Checkpoint {
         .unwrap()
 }
 
+/// The current snapshot in the body format this version's tablets ask for.
 async fn snapshot(env: &Env, d: &Device) -> (SnapshotMeta, SnapshotBody) {
+    snapshot_in(env, d, &format!("?format={COLUMNS_FORMAT}")).await
+}
+
+/// The current snapshot's metadata and opened body, both fetched with `query`.
+async fn snapshot_in(env: &Env, d: &Device, query: &str) -> (SnapshotMeta, SnapshotBody) {
     let key = d.enrolment.signing_public_key;
     let bytes = d
         .client
-        .get(env.url(paths::SNAPSHOT))
+        .get(env.url(&format!("{}{query}", paths::SNAPSHOT)))
         .send()
         .await
         .unwrap()
@@ -63,7 +69,7 @@ async fn snapshot(env: &Env, d: &Device) -> (SnapshotMeta, SnapshotBody) {
     let r = d
         .client
         .get(env.url(&format!(
-            "{}/{}/{}",
+            "{}/{}/{}{query}",
             paths::SNAPSHOT_BODY_PREFIX,
             meta.epoch,
             meta.version
@@ -79,7 +85,7 @@ async fn snapshot(env: &Env, d: &Device) -> (SnapshotMeta, SnapshotBody) {
             .unwrap();
     assert_eq!(header, meta);
     let body = r.bytes().await.unwrap();
-    let opened: SnapshotBody = meta.body.open(&body).unwrap();
+    let opened = meta.body.open_snapshot(&body).unwrap();
     (meta, opened)
 }
 
@@ -241,6 +247,57 @@ async fn a_head_is_signed_once_a_second_and_a_change_is_answered_at_once() {
     env.stop().await;
 }
 
+/// Tablets from before the columnar body ask for no format and get rows; tablets of this
+/// version ask for columns. Both hold the same snapshot, signed apart, cached apart; a
+/// format the server does not write is a 400 that names the ones it does.
+#[tokio::test]
+async fn a_tablet_that_names_no_format_gets_rows_and_one_that_asks_gets_columns() {
+    let env = Env::start().await;
+    env.seed().await;
+    let leics = env.council_token(LEICS).await;
+    let rows: Vec<(u32, &str, &str, &str)> =
+        (0..300).map(|i| (i, "CPP", "2024-01-01", "")).collect();
+    env.upload(&leics, LEICS, &csv(&rows)).await;
+    let d = env.enrol(EM).await;
+
+    let (old_meta, old_body) = snapshot_in(&env, &d, "").await;
+    assert_eq!(old_meta.body.format, BODY_FORMAT);
+    let (meta, body) = snapshot(&env, &d).await;
+    assert_eq!(meta.body.format, COLUMNS_FORMAT);
+    assert_eq!(
+        (meta.epoch, meta.version),
+        (old_meta.epoch, old_meta.version)
+    );
+    assert_eq!(body, old_body);
+    assert_eq!(body.flags.len(), 300);
+    assert!(
+        meta.body.len < old_meta.body.len,
+        "columns {} B, rows {} B",
+        meta.body.len,
+        old_meta.body.len
+    );
+    // Asked again, each is the cached one.
+    assert_eq!(snapshot_in(&env, &d, "?format=2").await.0, old_meta);
+    assert_eq!(snapshot(&env, &d).await.0, meta);
+
+    for (query, why) in [
+        ("?format=7", "7 is not one of them"),
+        ("?format=x", "format"),
+    ] {
+        let r = d
+            .client
+            .get(env.url(&format!("{}{query}", paths::SNAPSHOT)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+        let e: ErrorBody = r.json().await.unwrap();
+        assert_eq!(e.error.code, "bad_query");
+        assert!(e.error.message.contains("[3, 2]"), "{}", e.error.message);
+        assert!(e.error.message.contains(why), "{}", e.error.message);
+    }
+}
+
 #[tokio::test]
 async fn snapshot_download_resumes_with_range() {
     let env = Env::start().await;
@@ -298,7 +355,7 @@ async fn snapshot_download_resumes_with_range() {
         .unwrap();
     assert_eq!(rest.status(), 206);
     body.extend_from_slice(&rest.bytes().await.unwrap());
-    let opened: SnapshotBody = meta.body.open(&body).unwrap();
+    let opened: SnapshotBody = meta.body.open_snapshot(&body).unwrap();
     assert_eq!(opened.flags.len(), 2000);
 
     let bad = d
