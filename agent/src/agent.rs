@@ -669,20 +669,30 @@ impl Agent {
             .into());
         }
         let known: std::collections::BTreeSet<_> = snap.councils.iter().map(|c| &c.code).collect();
-        let mut by_subject: BTreeMap<NhsNumber, Vec<FlagRecord>> = BTreeMap::new();
-        for f in snap.flags {
-            if !known.contains(&f.council) {
-                return Err(VerifyError::Malformed(format!(
-                    "a flag names council {} which is not in the snapshot's directory",
-                    f.council
-                ))
-                .into());
+        if let Some(f) = snap.flags.iter().find(|f| !known.contains(&f.council)) {
+            return Err(VerifyError::Malformed(format!(
+                "a flag names council {} which is not in the snapshot's directory",
+                f.council
+            ))
+            .into());
+        }
+        drop(known);
+        // Group by subject (a stable sort keeps each subject's flags in the snapshot's order).
+        let mut flags = snap.flags;
+        flags.sort_by_key(|f| f.nhs_number);
+        let mut subjects: Vec<(NhsNumber, Vec<FlagRecord>)> = Vec::new();
+        for f in flags {
+            match subjects.last_mut() {
+                Some((n, fs)) if *n == f.nhs_number => fs.push(f),
+                _ => subjects.push((f.nhs_number, vec![f])),
             }
-            by_subject.entry(f.nhs_number).or_default().push(f);
         }
         let mut contacts: Vec<ContactsRow> = Vec::with_capacity(snap.contacts.len());
         for sc in snap.contacts {
-            if !by_subject.contains_key(&sc.nhs_number) {
+            if subjects
+                .binary_search_by_key(&sc.nhs_number, |(n, _)| *n)
+                .is_err()
+            {
                 return Err(VerifyError::Malformed(
                     "the snapshot carries contacts of a subject it holds no flag for".into(),
                 )
@@ -690,9 +700,11 @@ impl Agent {
             }
             contacts.push((self.keys.subject_key(sc.nhs_number), sc.contacts));
         }
-        let mut rows: Vec<([u8; 32], Vec<FlagRecord>)> = by_subject
+        // Subject keys are HMACs: computed on every core.
+        let keys = crate::par::map(&subjects, |(n, _)| self.keys.subject_key(*n));
+        let mut rows: Vec<([u8; 32], Vec<FlagRecord>)> = keys
             .into_iter()
-            .map(|(n, fs)| (self.keys.subject_key(n), fs))
+            .zip(subjects.into_iter().map(|(_, fs)| fs))
             .collect();
         rows.sort_unstable_by_key(|r| r.0);
 
@@ -711,13 +723,7 @@ impl Agent {
         // A new epoch or snapshot replaces the basis of freshness outright.
         st.data_as_of = None;
         self.mark_verified(&mut st, as_of)?;
-        db.replace_all(
-            &self.keys,
-            meta.version,
-            rows.iter().map(|(k, fs)| (*k, fs.as_slice())),
-            &contacts,
-            &mut st,
-        )?;
+        db.replace_all(&self.keys, meta.version, &rows, &contacts, &mut st)?;
         self.raise_store_mark(&st);
         self.remember(&db, st)?;
         Ok(meta)

@@ -11,7 +11,7 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
@@ -24,6 +24,7 @@ use zeroize::{Zeroize as _, ZeroizeOnDrop};
 /// Length of the master key and of every subkey.
 pub const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
 
 /// Why a key could not be made, read or destroyed, or a blob could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -339,6 +340,30 @@ impl Sealer {
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
         Ok(out)
+    }
+
+    /// [`Sealer::seal`] of what `write` appends to the buffer it is given, sealed where it
+    /// lies: one allocation for the whole blob (the snapshot install seals 200,000 rows).
+    pub fn seal_written<E>(
+        &self,
+        capacity: usize,
+        aad: &[u8],
+        write: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, E>,
+    ) -> Result<Result<Vec<u8>, KeyError>, E> {
+        let mut buf = Vec::with_capacity(NONCE_LEN + capacity + TAG_LEN);
+        buf.resize(NONCE_LEN, 0);
+        let mut buf = write(buf)?;
+        let (nonce, plaintext) = buf.split_at_mut(NONCE_LEN);
+        rand::thread_rng().fill_bytes(nonce);
+        let sealed = self
+            .0
+            .encrypt_in_place_detached(XNonce::from_slice(nonce), aad, plaintext)
+            .map(|tag| {
+                buf.extend_from_slice(&tag);
+                buf
+            })
+            .map_err(|_| KeyError::Seal);
+        Ok(sealed)
     }
 
     /// Opens a blob sealed with the same key and `aad`.

@@ -26,6 +26,7 @@ pub mod local_token;
 pub mod lookup;
 pub mod net;
 pub mod page;
+mod par;
 pub mod plan;
 pub mod schedule;
 pub mod service;

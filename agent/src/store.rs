@@ -194,6 +194,9 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Room for one flag in an encoded row (most take 30 to 45 bytes).
+const ROW_BYTES_PER_FLAG: usize = 48;
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -320,11 +323,11 @@ impl FlagDb {
 
     /// Replaces every row and the state in one transaction; `state.rows` is set to the new
     /// rows' integrity record (and `state.damaged` cleared: every row is new).
-    pub fn replace_all<'a>(
+    pub fn replace_all(
         &mut self,
         keys: &Keys,
         ver: u64,
-        subjects: impl IntoIterator<Item = ([u8; 32], &'a [FlagRecord])>,
+        subjects: &[([u8; 32], Vec<FlagRecord>)],
         contacts: &[ContactsRow],
         state: &mut DataState,
     ) -> Result<(), StoreError> {
@@ -333,21 +336,34 @@ impl FlagDb {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM flags", [])?;
         tx.execute("DELETE FROM contacts", [])?;
-        // Both tables were just emptied: rows go in without looking for an old one.
-        for (key, flags) in subjects {
-            let plain =
-                postcard::to_stdvec(flags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            insert_row(
-                &tx,
-                keys,
-                Table::Flags,
-                &key,
-                ver,
-                generation,
-                &plain,
-                &mut digest,
-            )?;
-        }
+        // Both tables were just emptied: rows go in without looking for an old one. Encoding,
+        // sealing and MACing run on every core; this thread writes the rows in key order.
+        let table = Table::Flags;
+        let mut insert = tx.prepare_cached(&format!(
+            "INSERT INTO {} (key, ver, sealed) VALUES (?1, ?2, ?3)",
+            table.name()
+        ))?;
+        crate::par::for_each_in_order(
+            subjects,
+            |(key, flags)| {
+                let sealed = keys.snapshot.seal_written(
+                    ROW_BYTES_PER_FLAG * flags.len(),
+                    &table.aad(key, ver, generation),
+                    |buf| {
+                        postcard::to_extend(flags, buf)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))
+                    },
+                )??;
+                let mac = table.mac(keys, key, ver, generation, &sealed);
+                Ok::<_, StoreError>((*key, sealed, mac))
+            },
+            |(key, sealed, mac)| {
+                insert.execute(params![&key[..], to_i64(ver), &sealed])?;
+                digest.toggle(&mac, true);
+                Ok(())
+            },
+        )?;
+        drop(insert);
         write_contacts(&tx, keys, ver, generation, contacts, &mut digest)?;
         state.rows = Some(digest);
         state.damaged = None;
