@@ -49,9 +49,17 @@ fn check_code(
 macro_rules! code_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $min:literal, $max:literal, $extra:expr) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
         pub struct $name(String);
+
+        // Written as the string it holds (as `into = "String"` would, without a copy: a
+        // snapshot encodes 200,000 council codes).
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
 
         impl $name {
             /// The code as text.

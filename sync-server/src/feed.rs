@@ -38,7 +38,7 @@ pub struct BuiltSnapshot {
 }
 
 /// A built delta.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BuiltDelta {
     pub meta: DeltaMeta,
     pub header: String,
@@ -66,6 +66,21 @@ struct SignedCheckpoint {
     bytes: Bytes,
 }
 
+/// How many bytes of built deltas are kept: a fleet at one version asks for the same delta
+/// (region, epoch, from, to) when the region moves, and each answer was built anew before.
+const DELTA_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// (region, epoch, from, to).
+type DeltaKey = (RegionId, u64, u64, u64);
+
+#[derive(Debug, Default)]
+struct DeltaCache {
+    /// Each with the key that signed it and when it was last used.
+    entries: std::collections::HashMap<DeltaKey, (Arc<BuiltDelta>, PublicKey, u64)>,
+    bytes: usize,
+    tick: u64,
+}
+
 #[derive(Debug, Default)]
 struct Cache {
     entries: Vec<(CacheKey, Arc<BuiltSnapshot>, u64)>,
@@ -87,6 +102,7 @@ pub struct Feed {
     cache: Mutex<Cache>,
     build: tokio::sync::Mutex<()>,
     checkpoints: Mutex<std::collections::HashMap<RegionId, SignedCheckpoint>>,
+    deltas: Mutex<DeltaCache>,
 }
 
 impl Feed {
@@ -107,6 +123,7 @@ impl Feed {
             cache: Mutex::new(Cache::default()),
             build: tokio::sync::Mutex::new(()),
             checkpoints: Mutex::new(std::collections::HashMap::new()),
+            deltas: Mutex::new(DeltaCache::default()),
         }
     }
 
@@ -140,6 +157,9 @@ impl Feed {
         }
         if let Ok(mut signed) = self.checkpoints.lock() {
             signed.clear();
+        }
+        if let Ok(mut deltas) = self.deltas.lock() {
+            *deltas = DeltaCache::default();
         }
         true
     }
@@ -226,13 +246,36 @@ impl Feed {
         }
     }
 
-    /// Builds and signs the delta of `changes` from `from` to the region's head.
+    /// The delta of `region` in `epoch` from `from` to `to`, if one was built and signed by the
+    /// key signing now.
+    pub fn cached_delta(
+        &self,
+        region: &RegionId,
+        epoch: u64,
+        from: u64,
+        to: u64,
+    ) -> Option<Arc<BuiltDelta>> {
+        let signer = self.public_key();
+        let mut cache = self.deltas.lock().ok()?;
+        cache.tick += 1;
+        let tick = cache.tick;
+        let (built, by, used) = cache.entries.get_mut(&(region.clone(), epoch, from, to))?;
+        if *by != signer {
+            return None;
+        }
+        *used = tick;
+        Some(built.clone())
+    }
+
+    /// Builds and signs the delta of `changes` from `from` to the region's head, and keeps it
+    /// for the next tablet at the same version.
     pub fn build_delta(
         &self,
         changes: RegionChanges,
         from: u64,
         now: DateTime<Utc>,
-    ) -> Result<BuiltDelta, FeedError> {
+    ) -> Result<Arc<BuiltDelta>, FeedError> {
+        let key = self.signing_key();
         let change_count = changes.changes.len() as u64;
         let body = DeltaBody {
             councils: changes.head.councils,
@@ -248,12 +291,47 @@ impl Feed {
             change_count,
             body: info,
         };
-        let signed = SignedMessage::sign(&self.signing_key(), &meta);
-        Ok(BuiltDelta {
+        let signed = SignedMessage::sign(&key, &meta);
+        let built = Arc::new(BuiltDelta {
             meta,
             header: signed.to_header(),
             body: Bytes::from(bytes),
-        })
+        });
+        self.keep_delta(built.clone(), PublicKey::from(&key));
+        Ok(built)
+    }
+
+    fn keep_delta(&self, built: Arc<BuiltDelta>, signer: PublicKey) {
+        let size = built.body.len() + built.header.len();
+        if size > DELTA_CACHE_BYTES / 4 {
+            return;
+        }
+        let Ok(mut cache) = self.deltas.lock() else {
+            return;
+        };
+        cache.tick += 1;
+        let tick = cache.tick;
+        let m = &built.meta;
+        let key = (m.region.clone(), m.epoch, m.from_version, m.to_version);
+        if let Some((old, _, _)) = cache.entries.insert(key, (built, signer, tick)) {
+            cache.bytes -= old.body.len() + old.header.len();
+        }
+        cache.bytes += size;
+        // Least recently used first, never the one just kept.
+        while cache.bytes > DELTA_CACHE_BYTES {
+            let Some(oldest) = cache
+                .entries
+                .iter()
+                .filter(|(_, (_, _, used))| *used != tick)
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((gone, _, _)) = cache.entries.remove(&oldest) {
+                cache.bytes -= gone.body.len() + gone.header.len();
+            }
+        }
     }
 
     /// A cached snapshot in body `format`, if present.

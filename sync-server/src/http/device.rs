@@ -354,12 +354,46 @@ pub(crate) async fn delta<S: Store>(
             format!("give ?from=VERSION: {}", e.body_text()),
         )
     })?;
-    let changes = app
+    let unknown = || ApiError::not_found(format!("region {} does not exist", device.region));
+    // A fleet at one version asks for the same delta when the region moves: the head (one
+    // small read) says which, and a delta built for another tablet is answered again.
+    let head = app
         .store
-        .region_changes(device.region.clone(), q.from)
+        .region_head(device.region.clone())
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("region {} does not exist", device.region)))?;
-    let head = &changes.head;
+        .ok_or_else(unknown)?;
+    if let Some(answer) = delta_position(&head, &q)? {
+        return Ok(answer);
+    }
+    let built = match app
+        .feed
+        .cached_delta(&head.region, head.epoch, q.from, head.version)
+    {
+        Some(hit) => hit,
+        None => {
+            let changes = app
+                .store
+                .region_changes(device.region.clone(), q.from)
+                .await?
+                .ok_or_else(unknown)?;
+            // The head may have moved since: check again against the one read with the changes.
+            if let Some(answer) = delta_position(&changes.head, &q)? {
+                return Ok(answer);
+            }
+            app.feed.build_delta(changes, q.from, app.clock.now())?
+        }
+    };
+    let mut response = octet(built.body.clone());
+    response
+        .headers_mut()
+        .insert(paths::SIGNED_HEADER, signed_header(&built.header)?);
+    Ok(response)
+}
+
+/// What a delta request gets before any change is read: `204` at the head, `410` for another
+/// epoch or a version below the change log's floor, `400` ahead of the head; `None` when a
+/// delta is owed.
+fn delta_position(head: &RegionHead, q: &DeltaQuery) -> Result<Option<Response>, ApiError> {
     let gone = |why: String| ApiError::new(StatusCode::GONE, codes::DELTA_GONE, why);
     if let Some(epoch) = q.epoch
         && epoch != head.epoch
@@ -370,7 +404,7 @@ pub(crate) async fn delta<S: Store>(
         )));
     }
     if q.from == head.version {
-        return Ok(StatusCode::NO_CONTENT.into_response());
+        return Ok(Some(StatusCode::NO_CONTENT.into_response()));
     }
     if q.from > head.version {
         return Err(ApiError::bad_request(
@@ -384,14 +418,7 @@ pub(crate) async fn delta<S: Store>(
             head.floor
         )));
     }
-    let from = q.from;
-    let now = app.clock.now();
-    let built = app.feed.build_delta(changes, from, now)?;
-    let mut response = octet(built.body);
-    response
-        .headers_mut()
-        .insert(paths::SIGNED_HEADER, signed_header(&built.header)?);
-    Ok(response)
+    Ok(None)
 }
 
 /// The snapshot body format a request asks for: rows when it names none (tablets from before

@@ -247,6 +247,44 @@ async fn a_head_is_signed_once_a_second_and_a_change_is_answered_at_once() {
     env.stop().await;
 }
 
+/// A fleet at one version asks for the same delta when the region moves: it is built and
+/// signed once and answered to every tablet (same bytes, same signing time), until the head
+/// moves again.
+#[tokio::test]
+async fn a_fleet_at_one_version_is_answered_one_built_delta() {
+    let env = Env::start().await;
+    env.seed().await;
+    let leics = env.council_token(LEICS).await;
+    env.upload(&leics, LEICS, &csv(&[(1, "CPP", "2024-01-01", "")]))
+        .await;
+    let (a, b) = (env.enrol(EM).await, env.enrol(EM).await);
+    let from = checkpoint(&env, &a).await.head_version;
+    env.upload(
+        &leics,
+        LEICS,
+        &csv(&[(1, "CPP", "2024-01-01", ""), (2, "LAC", "2024-02-01", "")]),
+    )
+    .await;
+
+    let (first, body) = open_delta(&a, delta(&env, &a, from).await).await;
+    assert_eq!((first.from_version, body.changes.len()), (from, 1));
+    env.clock.advance(Duration::seconds(30));
+    let (again, _) = open_delta(&b, delta(&env, &b, from).await).await;
+    assert_eq!(again, first, "the same signed delta, not one built again");
+
+    // The head moves: the next tablet gets a delta to the new head, signed now.
+    env.upload(
+        &leics,
+        LEICS,
+        &csv(&[(1, "CPP", "2024-01-01", ""), (3, "CPP", "2024-03-01", "")]),
+    )
+    .await;
+    let (moved, body) = open_delta(&b, delta(&env, &b, from).await).await;
+    assert!(moved.to_version > first.to_version);
+    assert_eq!(moved.server_time, env.clock_now());
+    assert_eq!(body.changes.len(), 3, "{:?}", body.changes);
+}
+
 /// Tablets from before the columnar body ask for no format and get rows; tablets of this
 /// version ask for columns. Both hold the same snapshot, signed apart, cached apart; a
 /// format the server does not write is a 400 that names the ones it does.

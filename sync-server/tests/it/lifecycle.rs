@@ -218,7 +218,7 @@ async fn signed(client: &reqwest::Client, env: &Env, path: &str) -> cpis_protoco
 #[tokio::test]
 async fn tablets_follow_a_rolled_over_signing_key_without_re_enrolling() {
     use cpis_protocol::api::paths as feed;
-    use cpis_protocol::{Checkpoint, SnapshotMeta, VerifyError};
+    use cpis_protocol::{Checkpoint, DeltaMeta, SignedMessage, SnapshotMeta, VerifyError};
 
     let env = Env::start().await;
     env.seed().await;
@@ -240,10 +240,31 @@ async fn tablets_follow_a_rolled_over_signing_key_without_re_enrolling() {
         data: Some((cp.epoch, cp.head_version)),
         server_time: Some(cp.server_time),
     };
-    // A snapshot signed by the old key sits in the cache.
+    // A snapshot signed by the old key sits in the cache, and a delta too.
     signed(&device.client, &env, feed::SNAPSHOT)
         .await
         .open::<SnapshotMeta>(pinned.verifying_key())
+        .unwrap();
+    env.upload(
+        &token,
+        LEICS,
+        &csv(&[(1, "CPP", "2025-01-01", ""), (2, "LAC", "2025-02-01", "")]),
+    )
+    .await;
+    let delta_from = |from: u64| {
+        let (client, url) = (
+            device.client.clone(),
+            env.url(&format!("{}?from={from}", feed::DELTA)),
+        );
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            SignedMessage::from_header(r.headers()[feed::SIGNED_HEADER].to_str().unwrap()).unwrap()
+        }
+    };
+    delta_from(cp.head_version)
+        .await
+        .open::<DeltaMeta>(pinned.verifying_key())
         .unwrap();
 
     let rolled = cpis_sync_server::keys::roll(env.dir.path(), env.store(), env.clock_now())
@@ -273,7 +294,11 @@ async fn tablets_follow_a_rolled_over_signing_key_without_re_enrolling() {
     );
     let cp2: Checkpoint = envelope.open(followed.verifying_key()).unwrap();
     cp2.check(&position, env.clock_now()).unwrap();
-    assert_eq!(Some((cp2.epoch, cp2.head_version)), position.data);
+    // (The second upload moved the head on by one.)
+    assert_eq!(
+        Some((cp2.epoch, cp2.head_version)),
+        position.data.map(|(e, v)| (e, v + 1))
+    );
     // The cached snapshot signed by the old key is not served again.
     let meta = signed(&device.client, &env, feed::SNAPSHOT).await;
     assert_eq!(
@@ -281,6 +306,13 @@ async fn tablets_follow_a_rolled_over_signing_key_without_re_enrolling() {
         Err(VerifyError::BadSignature)
     );
     meta.open::<SnapshotMeta>(followed.verifying_key()).unwrap();
+    // Nor the delta.
+    let delta = delta_from(cp.head_version).await;
+    assert_eq!(
+        delta.open::<DeltaMeta>(pinned.verifying_key()),
+        Err(VerifyError::BadSignature)
+    );
+    delta.open::<DeltaMeta>(followed.verifying_key()).unwrap();
     // A tablet enrolled now pins the new key.
     assert_eq!(
         env.enrol(EM).await.enrolment.signing_public_key,
