@@ -136,7 +136,7 @@ fn main() {
     rows.sort_unstable_by_key(|r| r.0);
     let t_enc_write = Instant::now();
     let mut state = DataState::empty(region.clone(), Policy::default());
-    enc.replace_all(&keys, 100, &rows, &[], &mut state).unwrap();
+    enc.replace_all(&keys, 100, rows, &[], &mut state).unwrap();
     let enc_write = t_enc_write.elapsed();
     // What opening the store adds: every row MACed and checked against the sealed record.
     let t_verify = Instant::now();

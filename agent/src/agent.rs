@@ -723,7 +723,7 @@ impl Agent {
         // A new epoch or snapshot replaces the basis of freshness outright.
         st.data_as_of = None;
         self.mark_verified(&mut st, as_of)?;
-        db.replace_all(&self.keys, meta.version, &rows, &contacts, &mut st)?;
+        db.replace_all(&self.keys, meta.version, rows, &contacts, &mut st)?;
         self.raise_store_mark(&st);
         self.remember(&db, st)?;
         Ok(meta)

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 
 /// Items per unit of work: small enough to spread, large enough that hand-offs are rare.
 const BATCH: usize = 2048;
@@ -20,7 +20,7 @@ fn workers(items: usize) -> usize {
 pub(crate) fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let mut out = Vec::with_capacity(items.len());
     let done: Result<(), std::convert::Infallible> = for_each_in_order(
-        items,
+        items.iter().collect(),
         |item| Ok(f(item)),
         |r| {
             out.push(r);
@@ -34,20 +34,29 @@ pub(crate) fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> 
 }
 
 /// Computes `f` of every item on all cores and hands the results to `consume` on the calling
-/// thread, in the items' order, as they become ready. The first error (from either) stops
-/// the work and is returned; workers stop at their next batch.
-pub(crate) fn for_each_in_order<T: Sync, R: Send, E: Send>(
-    items: &[T],
-    f: impl Fn(&T) -> Result<R, E> + Sync,
+/// thread, in the items' order, as they become ready. The items are consumed (and so freed)
+/// on the workers. The first error (from either) stops the work and is returned; workers
+/// stop at their next batch.
+pub(crate) fn for_each_in_order<T: Send, R: Send, E: Send>(
+    items: Vec<T>,
+    f: impl Fn(T) -> Result<R, E> + Sync,
     mut consume: impl FnMut(R) -> Result<(), E>,
 ) -> Result<(), E> {
-    let batches: Vec<&[T]> = items.chunks(BATCH).collect();
     let n = workers(items.len());
     if n == 1 {
         for item in items {
             consume(f(item)?)?;
         }
         return Ok(());
+    }
+    let mut batches: Vec<Mutex<Option<Vec<T>>>> = Vec::with_capacity(items.len() / BATCH + 1);
+    let mut items = items.into_iter();
+    loop {
+        let batch: Vec<T> = items.by_ref().take(BATCH).collect();
+        if batch.is_empty() {
+            break;
+        }
+        batches.push(Mutex::new(Some(batch)));
     }
     let next = AtomicUsize::new(0);
     std::thread::scope(|scope| {
@@ -59,10 +68,15 @@ pub(crate) fn for_each_in_order<T: Sync, R: Send, E: Send>(
             scope.spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(batch) = batches.get(i) else {
+                    let Some(slot) = batches.get(i) else {
                         return;
                     };
-                    let out = batch.iter().map(f).collect::<Result<Vec<R>, E>>();
+                    // Each batch is taken once (`next` hands out each index once).
+                    let batch = match slot.lock() {
+                        Ok(mut b) => b.take().unwrap_or_default(),
+                        Err(poisoned) => poisoned.into_inner().take().unwrap_or_default(),
+                    };
+                    let out = batch.into_iter().map(f).collect::<Result<Vec<R>, E>>();
                     let failed = out.is_err();
                     if tx.send((i, out)).is_err() || failed {
                         return;
@@ -107,8 +121,8 @@ mod tests {
         let items: Vec<u64> = (0..(BATCH as u64 * 6)).collect();
         let mut seen = 0u64;
         let r = for_each_in_order(
-            &items,
-            |x| if *x == 5000 { Err(*x) } else { Ok(*x) },
+            items.clone(),
+            |x| if x == 5000 { Err(x) } else { Ok(x) },
             |x| {
                 assert_eq!(x, seen, "in order");
                 seen += 1;
@@ -119,9 +133,11 @@ mod tests {
         assert!(seen <= 5000);
         // An error from the consumer stops it too.
         let r = for_each_in_order(
-            &items,
-            |x| Ok::<_, u64>(*x),
-            |x| if x == 10 { Err(x) } else { Ok(()) },
+            items,
+            Ok::<u64, u64>,
+            |x| {
+                if x == 10 { Err(x) } else { Ok(()) }
+            },
         );
         assert_eq!(r, Err(10));
     }

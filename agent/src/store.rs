@@ -327,7 +327,7 @@ impl FlagDb {
         &mut self,
         keys: &Keys,
         ver: u64,
-        subjects: &[([u8; 32], Vec<FlagRecord>)],
+        subjects: Vec<([u8; 32], Vec<FlagRecord>)>,
         contacts: &[ContactsRow],
         state: &mut DataState,
     ) -> Result<(), StoreError> {
@@ -348,14 +348,14 @@ impl FlagDb {
             |(key, flags)| {
                 let sealed = keys.snapshot.seal_written(
                     ROW_BYTES_PER_FLAG * flags.len(),
-                    &table.aad(key, ver, generation),
+                    &table.aad(&key, ver, generation),
                     |buf| {
-                        postcard::to_extend(flags, buf)
+                        postcard::to_extend(&flags, buf)
                             .map_err(|e| StoreError::Corrupt(e.to_string()))
                     },
                 )??;
-                let mac = table.mac(keys, key, ver, generation, &sealed);
-                Ok::<_, StoreError>((*key, sealed, mac))
+                let mac = table.mac(keys, &key, ver, generation, &sealed);
+                Ok::<_, StoreError>((key, sealed, mac))
             },
             |(key, sealed, mac)| {
                 insert.execute(params![&key[..], to_i64(ver), &sealed])?;
