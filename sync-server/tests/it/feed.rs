@@ -247,6 +247,37 @@ async fn a_head_is_signed_once_a_second_and_a_change_is_answered_at_once() {
     env.stop().await;
 }
 
+/// Polls answer from a head each read connection keeps while the database is unchanged; a
+/// commit by any other connection (here one opened on the file, as `admin` in another
+/// process would) is seen by the next poll.
+#[tokio::test]
+async fn a_commit_by_another_connection_is_seen_by_the_next_poll() {
+    if test_database().is_some() {
+        return; // SQLite's own file; PostgreSQL reads its head in the poll's statement.
+    }
+    let env = Env::start().await;
+    env.seed().await;
+    let leics = env.council_token(LEICS).await;
+    env.upload(&leics, LEICS, &csv(&[(1, "CPP", "2024-01-01", "")]))
+        .await;
+    let d = env.enrol(EM).await;
+    let before = checkpoint(&env, &d).await;
+    // Several polls, so that every pooled connection has the head cached.
+    for _ in 0..20 {
+        assert_eq!(checkpoint(&env, &d).await.epoch, before.epoch);
+    }
+    let db =
+        rusqlite::Connection::open(env.dir.path().join(cpis_sync_server::config::DATABASE_FILE))
+            .unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    db.execute("UPDATE regions SET epoch = epoch + 1 WHERE id = ?1", [EM])
+        .unwrap();
+    drop(db);
+    for _ in 0..20 {
+        assert_eq!(checkpoint(&env, &d).await.epoch, before.epoch + 1);
+    }
+}
+
 /// A fleet at one version asks for the same delta when the region moves: it is built and
 /// signed once and answered to every tablet (same bytes, same signing time), until the head
 /// moves again.
