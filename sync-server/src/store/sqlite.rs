@@ -305,7 +305,8 @@ impl Reader {
 }
 
 impl SqliteStore {
-    /// A short read (a few index lookups: the checkpoint poll's device and head) answered on
+    /// A short read (a few index lookups: the checkpoint poll's device and head, the health
+    /// check's head version) answered on
     /// the calling thread when a reader slot is free at once: the profile of a busy poll path
     /// put the hand-off to the blocking pool and back at more than the read itself. When every
     /// slot is taken it waits for one on the blocking pool, as [`SqliteStore::read`] does.
@@ -1031,7 +1032,8 @@ impl Store for SqliteStore {
     }
 
     fn head_version(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
-        self.read(head_version)
+        // What `/healthz` reads: one row, on the request's thread when a slot is free.
+        self.read_short(|r| head_version(&r.conn))
     }
 
     fn region_head(
