@@ -39,7 +39,13 @@ mod pages;
 /// The schema, one entry per migration; `user_version` counts the applied ones.
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Database(e.to_string())
+        // Another connection holding a lock longer than the busy timeout: worth retrying.
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Database(e.to_string()),
+        }
     }
 }
 
@@ -312,20 +318,27 @@ impl SqliteStore {
     /// slot is taken it waits for one on the blocking pool, as [`SqliteStore::read`] does.
     fn read_short<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Reader) -> Result<T, StoreError> + Send + 'static,
+        f: impl Fn(&mut Reader) -> Result<T, StoreError> + Clone + Send + 'static,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
         let inner = self.inner.clone();
         let fallback = self.clone();
         async move {
-            match inner.reading.clone().try_acquire_owned() {
-                Ok(_permit) => {
-                    let mut reader = inner.take_reader()?;
-                    let result = f(&mut reader);
-                    inner.put_reader(reader);
-                    result
+            if let Ok(_permit) = inner.reading.clone().try_acquire_owned() {
+                let mut reader = inner.take_reader()?;
+                // Never wait on the request's thread for a lock another connection holds
+                // (readers of a WAL database hardly ever meet one): that read goes to the
+                // blocking pool below, with the usual timeout.
+                reader.conn.busy_timeout(std::time::Duration::ZERO)?;
+                let result = f(&mut reader);
+                reader
+                    .conn
+                    .busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+                inner.put_reader(reader);
+                if !matches!(result, Err(StoreError::Unavailable(_))) {
+                    return result;
                 }
-                Err(_) => fallback.read_with(f).await,
             }
+            fallback.read_with(f).await
         }
     }
 }
