@@ -316,18 +316,23 @@ async fn a_fleet_at_one_version_is_answered_one_built_delta() {
     assert_eq!(body.changes.len(), 3, "{:?}", body.changes);
 }
 
+/// A server where council `LEICS` holds `n` plans, and a tablet enrolled in its region.
+async fn region_of_plans(n: u32) -> (Env, Device) {
+    let env = Env::start().await;
+    env.seed().await;
+    let leics = env.council_token(LEICS).await;
+    let rows: Vec<(u32, &str, &str, &str)> = (0..n).map(|i| (i, "CPP", "2024-01-01", "")).collect();
+    env.upload(&leics, LEICS, &csv(&rows)).await;
+    let d = env.enrol(EM).await;
+    (env, d)
+}
+
 /// Tablets from before the columnar body ask for no format and get rows; tablets of this
 /// version ask for columns. Both hold the same snapshot, signed apart, cached apart; a
 /// format the server does not write is a 400 that names the ones it does.
 #[tokio::test]
 async fn a_tablet_that_names_no_format_gets_rows_and_one_that_asks_gets_columns() {
-    let env = Env::start().await;
-    env.seed().await;
-    let leics = env.council_token(LEICS).await;
-    let rows: Vec<(u32, &str, &str, &str)> =
-        (0..300).map(|i| (i, "CPP", "2024-01-01", "")).collect();
-    env.upload(&leics, LEICS, &csv(&rows)).await;
-    let d = env.enrol(EM).await;
+    let (env, d) = region_of_plans(300).await;
 
     let (old_meta, old_body) = snapshot_in(&env, &d, "").await;
     assert_eq!(old_meta.body.format, BODY_FORMAT);
@@ -369,13 +374,7 @@ async fn a_tablet_that_names_no_format_gets_rows_and_one_that_asks_gets_columns(
 
 #[tokio::test]
 async fn snapshot_download_resumes_with_range() {
-    let env = Env::start().await;
-    env.seed().await;
-    let leics = env.council_token(LEICS).await;
-    let rows: Vec<(u32, &str, &str, &str)> =
-        (0..2000).map(|i| (i, "CPP", "2024-01-01", "")).collect();
-    env.upload(&leics, LEICS, &csv(&rows)).await;
-    let d = env.enrol(EM).await;
+    let (env, d) = region_of_plans(2000).await;
     let key = d.enrolment.signing_public_key;
     let bytes = d
         .client
